@@ -1,0 +1,27 @@
+//! The pure core of caddy-fleet: what travels on the wire, what the applier
+//! folds it into, and how container labels become Caddy configuration.
+//!
+//! Nothing in this crate does I/O, spawns tasks or reads the clock: every
+//! function is a deterministic function of its arguments. That is what lets
+//! the applier, the debugging commands and the property tests share one fold.
+//!
+//! - [`event`]: the versioned wire types ([`Event`], [`ContainerFacts`]) and
+//!   their typed decoding errors.
+//! - [`subject`]: agent IDs and the `fleet.<agent>.…` subjects.
+//! - [`state`]: [`RouteState`] and its fold, [`RouteState::apply`].
+//! - [`caddyfile`]: a Caddyfile block tree and its CDP-style marshalling.
+//! - [`translate`]: container labels → Caddyfile sites, with upstreams
+//!   resolved from container facts.
+
+pub mod caddyfile;
+pub mod event;
+pub mod state;
+pub mod subject;
+pub mod translate;
+
+pub use event::{
+    AgentSync, ContainerDown, ContainerFacts, ContainerState, DecodeError, Event, Health,
+    Heartbeat, PortBinding, SCHEMA_VERSION,
+};
+pub use state::{ContainerRecord, RouteState};
+pub use subject::{AgentId, InvalidAgentId};
