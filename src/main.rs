@@ -1,1 +1,203 @@
-fn main() {}
+//! The `caddy-fleet` binary: parses settings, sets up logging and runs one
+//! component from the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use caddy_fleet::applier::{ApplierConfig, Stats};
+use caddy_fleet::nats::{NatsAuth, NatsConfig, NatsTls, StreamSettings};
+use caddy_fleet::publisher::{FilterLabel, PublisherConfig};
+use caddy_fleet::schema::AgentId;
+use clap::{Args, Parser, Subcommand};
+
+/// One Caddy front door for a fleet of plain Docker hosts, driven by container labels.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch this host's Docker engine and publish container facts to NATS (agent mode).
+    Publisher(PublisherArgs),
+    /// Read the log from NATS and converge Caddy to it.
+    Applier(ApplierArgs),
+}
+
+#[derive(Args)]
+struct NatsArgs {
+    /// NATS server URLs, comma-separated.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: Vec<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS credentials file (JWT + NKey seed).
+    #[arg(long, env = "NATS_CREDS_FILE")]
+    nats_creds_file: Option<PathBuf>,
+    /// Require TLS to NATS.
+    #[arg(long, env = "NATS_TLS_REQUIRED")]
+    nats_tls_required: bool,
+    /// CA bundle for the NATS server certificate.
+    #[arg(long, env = "NATS_TLS_CA")]
+    nats_tls_ca: Option<PathBuf>,
+    /// Client certificate for NATS.
+    #[arg(long, env = "NATS_TLS_CERT")]
+    nats_tls_cert: Option<PathBuf>,
+    /// Key of the client certificate.
+    #[arg(long, env = "NATS_TLS_KEY")]
+    nats_tls_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    fn config(&self, name: String) -> anyhow::Result<NatsConfig> {
+        let auth = match (&self.nats_token, &self.nats_user, &self.nats_password, &self.nats_creds_file) {
+            (None, None, None, None) => NatsAuth::None,
+            (Some(token), None, None, None) => NatsAuth::Token { token: token.clone() },
+            (None, Some(user), Some(password), None) => NatsAuth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            },
+            (None, None, None, Some(path)) => NatsAuth::CredentialsFile { path: path.clone() },
+            _ => anyhow::bail!(
+                "set exactly one NATS authentication: NATS_TOKEN, NATS_USER with NATS_PASSWORD, or NATS_CREDS_FILE"
+            ),
+        };
+        Ok(NatsConfig {
+            urls: self.nats_url.clone(),
+            auth,
+            tls: NatsTls {
+                required: self.nats_tls_required,
+                ca_file: self.nats_tls_ca.clone(),
+                cert_file: self.nats_tls_cert.clone(),
+                key_file: self.nats_tls_key.clone(),
+            },
+            name: Some(name),
+            retry_initial_connect: false,
+        })
+    }
+}
+
+#[derive(Args)]
+struct PublisherArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// This host's agent ID [default: the hostname, sanitised].
+    #[arg(long, env = "AGENT_ID")]
+    agent_id: Option<String>,
+    /// The address other hosts reach this host's published ports at.
+    #[arg(long, env = "HOST_IP")]
+    host_ip: String,
+    /// Only containers with labels under this prefix are published.
+    #[arg(long, env = "DOCKER_LABEL_PREFIX", default_value = "caddy")]
+    label_prefix: String,
+    /// Only containers carrying this label (key or key=value) are published.
+    #[arg(long, env = "AGENT_FILTER_LABEL")]
+    filter_label: Option<FilterLabel>,
+}
+
+#[derive(Args)]
+struct ApplierArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Caddy's admin API.
+    #[arg(long, env = "CADDY_API_URL", default_value = "http://127.0.0.1:2019")]
+    caddy_api_url: String,
+    /// The Caddyfile Caddy runs with, merged in front of the generated sites.
+    #[arg(long, env = "CADDY_BASE_CADDYFILE")]
+    base_caddyfile: Option<PathBuf>,
+    /// This applier's durable consumer name [default: the hostname, sanitised].
+    #[arg(long, env = "APPLIER_NAME")]
+    applier_name: Option<String>,
+    /// The label prefix to translate.
+    #[arg(long, env = "DOCKER_LABEL_PREFIX", default_value = "caddy")]
+    label_prefix: String,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("Shutdown requested.");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Publisher(args) => {
+            let agent = match &args.agent_id {
+                Some(id) => AgentId::new(id.clone())?,
+                None => AgentId::sanitize(&hostname()),
+            };
+            let nats = args.nats.config(format!("caddy-fleet-publisher-{agent}"))?;
+            let mut config = PublisherConfig::new(agent, args.host_ip);
+            config.label_prefix = args.label_prefix;
+            config.filter_label = args.filter_label;
+            caddy_fleet::run_publisher(&nats, config, shutdown_signal()).await?;
+        }
+        Command::Applier(args) => {
+            let name = match &args.applier_name {
+                Some(name) => AgentId::new(name.clone()).context("invalid APPLIER_NAME")?,
+                None => AgentId::sanitize(&hostname()),
+            };
+            let nats = args.nats.config(format!("caddy-fleet-applier-{name}"))?;
+            let mut config = ApplierConfig::new(args.caddy_api_url);
+            if let Some(path) = &args.base_caddyfile {
+                config.base_caddyfile = Some(std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read CADDY_BASE_CADDYFILE {}", path.display())
+                })?);
+            }
+            config.translate.label_prefix = args.label_prefix;
+            caddy_fleet::run_applier(
+                &nats,
+                &StreamSettings::default(),
+                name.as_str(),
+                config,
+                Arc::new(Stats::default()),
+                shutdown_signal(),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,19 @@
-//! placeholder
+//! The publisher: watches one host's Docker engine and publishes the facts
+//! of its labeled containers to the log. It never talks to Caddy and never
+//! translates labels; the applier does both.
+//!
+//! - [`config`]: [`PublisherConfig`], who this agent is and what it watches.
+//! - [`facts`]: Docker's inspect output → [`caddy_fleet_schema::ContainerFacts`].
+//! - [`sink`]: [`EventSink`], where events go (NATS, or an in-process channel).
+//! - [`watch`]: [`watch::run`], the watch loop.
+
+pub use bollard;
+
+pub mod config;
+pub mod facts;
+pub mod sink;
+pub mod watch;
+
+pub use config::{FilterLabel, PublisherConfig};
+pub use sink::{EventSink, SinkError};
+pub use watch::{run, WatchError};

@@ -240,18 +240,29 @@ mod tests {
         let a = AgentId::new("a1").unwrap();
         let events = [
             Event::Up(facts()),
-            Event::Down(ContainerDown { agent: a.clone(), id: "abc".into(), observed_at_ms: 2 }),
+            Event::Down(ContainerDown {
+                agent: a.clone(),
+                id: "abc".into(),
+                observed_at_ms: 2,
+            }),
             Event::Sync(AgentSync {
                 agent: a.clone(),
                 host_address: "h".into(),
                 containers: vec!["abc".into()],
                 observed_at_ms: 3,
             }),
-            Event::Heartbeat(Heartbeat { agent: a, sent_at_ms: 4 }),
+            Event::Heartbeat(Heartbeat {
+                agent: a,
+                sent_at_ms: 4,
+            }),
         ];
         for e in events {
             let bytes = e.encode();
-            assert!(bytes.starts_with(b"{\"v\":1,"), "{}", String::from_utf8_lossy(&bytes));
+            assert!(
+                bytes.starts_with(b"{\"v\":1,"),
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            );
             assert_eq!(Event::decode(&bytes).unwrap(), e);
         }
     }
@@ -259,7 +270,10 @@ mod tests {
     #[test]
     fn garbage_is_malformed() {
         for bytes in [&b"\xff\x00garbage"[..], b"", b"[1,2]", b"{\"kind\":\"up\"}"] {
-            assert!(matches!(Event::decode(bytes), Err(DecodeError::Malformed(_))), "{bytes:?}");
+            assert!(
+                matches!(Event::decode(bytes), Err(DecodeError::Malformed(_))),
+                "{bytes:?}"
+            );
         }
     }
 

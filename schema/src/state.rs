@@ -133,7 +133,11 @@ mod tests {
             labels: [("caddy".to_string(), format!("{c}.test"))].into(),
             ports: vec![],
             networks: BTreeMap::new(),
-            state: if running { ContainerState::Running } else { ContainerState::Exited },
+            state: if running {
+                ContainerState::Running
+            } else {
+                ContainerState::Exited
+            },
             health: Health::None,
             observed_at_ms: u64::from(port),
         })
@@ -264,9 +268,20 @@ mod tests {
         let mut s = RouteState::default();
         s.apply(1, &up(0, 0, 1, true));
         assert_eq!(s.live_containers().count(), 1);
-        s.apply(2, &Event::Down(ContainerDown { agent: agent(0), id: "c1".into(), observed_at_ms: 0 }));
+        s.apply(
+            2,
+            &Event::Down(ContainerDown {
+                agent: agent(0),
+                id: "c1".into(),
+                observed_at_ms: 0,
+            }),
+        );
         assert_eq!(s.live_containers().count(), 0);
         s.apply(1, &up(0, 0, 1, true));
-        assert_eq!(s.live_containers().count(), 0, "a redelivered old message must not resurrect");
+        assert_eq!(
+            s.live_containers().count(),
+            0,
+            "a redelivered old message must not resurrect"
+        );
     }
 }

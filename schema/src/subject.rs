@@ -21,7 +21,9 @@ pub struct AgentId(String);
 
 /// An agent ID that cannot be used as a subject token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid agent ID {id:?}: use 1-64 characters from A-Z, a-z, 0-9, '_' and '-' (set AGENT_ID)")]
+#[error(
+    "invalid agent ID {id:?}: use 1-64 characters from A-Z, a-z, 0-9, '_' and '-' (set AGENT_ID)"
+)]
 pub struct InvalidAgentId {
     /// The rejected value.
     pub id: String,
@@ -131,7 +133,10 @@ mod tests {
 
     #[test]
     fn hostnames_are_sanitized() {
-        assert_eq!(AgentId::sanitize("web.example.com").as_str(), "web-example-com");
+        assert_eq!(
+            AgentId::sanitize("web.example.com").as_str(),
+            "web-example-com"
+        );
         assert_eq!(AgentId::sanitize("").as_str(), "agent");
     }
 

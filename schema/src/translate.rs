@@ -73,6 +73,26 @@ pub struct Translation {
     pub rejected: Vec<Rejected>,
 }
 
+/// Whether `key` is a label caddy-docker-proxy reads for `prefix`: the
+/// prefix itself, `prefix_N`, or either followed by `.` and a path. Look-alikes
+/// such as `caddy_version` or `caddy_ingress_network` are not.
+pub fn is_caddy_label(key: &str, prefix: &str) -> bool {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return false;
+    };
+    let rest = match rest.strip_prefix('_') {
+        Some(numbered) => {
+            let digits = numbered.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return false;
+            }
+            &numbered[digits..]
+        }
+        None => rest,
+    };
+    rest.is_empty() || rest.starts_with('.')
+}
+
 /// Translates every routable container of the state and merges the result.
 pub fn translate_state(state: &RouteState, options: &TranslateOptions) -> Translation {
     let mut translation = Translation::default();
@@ -122,7 +142,11 @@ pub fn container_sites(
         };
         let mut block = &mut site;
         for name in path.split('.') {
-            let index = match block.children.iter().position(|c| c.keys.first().map(String::as_str) == Some(name)) {
+            let index = match block
+                .children
+                .iter()
+                .position(|c| c.keys.first().map(String::as_str) == Some(name))
+            {
                 Some(index) => index,
                 None => {
                     block.children.push(Block::line([name]));
@@ -152,7 +176,8 @@ fn merge_children(into: &mut Block, children: Vec<Block>) {
         if directive == Some("reverse_proxy") {
             let matcher = proxy_matcher(&child);
             if let Some(existing) = into.children.iter_mut().find(|c| {
-                c.keys.first().map(String::as_str) == Some("reverse_proxy") && proxy_matcher(c) == matcher
+                c.keys.first().map(String::as_str) == Some("reverse_proxy")
+                    && proxy_matcher(c) == matcher
             }) {
                 let skip = if matcher == "*" { 1 } else { 2 };
                 for upstream in child.keys.into_iter().skip(skip) {
@@ -218,11 +243,11 @@ fn evaluate(label: &str, action: &str, facts: &ContainerFacts) -> Result<String,
             for arg in args {
                 match *arg {
                     "http" | "https" | "h2c" => proto = Some(*arg),
-                    number => {
-                        port = Some(number.parse::<u16>().map_err(|_| {
-                            template_error(format!("upstreams: expected http, https, h2c or a port number, got {number:?}"))
-                        })?)
-                    }
+                    number => port = Some(number.parse::<u16>().map_err(|_| {
+                        template_error(format!(
+                            "upstreams: expected http, https, h2c or a port number, got {number:?}"
+                        ))
+                    })?),
                 }
             }
             upstreams(label, facts, proto, port)
@@ -283,13 +308,21 @@ mod tests {
     use crate::event::{ContainerState, Event, Health, PortBinding};
     use crate::subject::AgentId;
 
-    fn facts(agent: &str, name: &str, labels: &[(&str, &str)], ports: &[(u16, u16)]) -> ContainerFacts {
+    fn facts(
+        agent: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[(u16, u16)],
+    ) -> ContainerFacts {
         ContainerFacts {
             agent: AgentId::new(agent).unwrap(),
             id: format!("id-{name}"),
             name: name.to_string(),
             host_address: format!("host-{agent}"),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ports: ports
                 .iter()
                 .flat_map(|(c, h)| {
@@ -321,10 +354,18 @@ mod tests {
     #[test]
     fn basic_labels_become_a_site_on_the_published_port() {
         let t = translate_state(
-            &state(vec![facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 32768)])]),
+            &state(vec![facts(
+                "a1",
+                "web",
+                &[("caddy", "a.test"), PROXY],
+                &[(80, 32768)],
+            )]),
             &TranslateOptions::default(),
         );
-        assert_eq!(t.caddyfile.marshal(), "a.test {\n\treverse_proxy host-a1:32768\n}\n");
+        assert_eq!(
+            t.caddyfile.marshal(),
+            "a.test {\n\treverse_proxy host-a1:32768\n}\n"
+        );
         assert!(t.rejected.is_empty());
     }
 
@@ -352,7 +393,10 @@ mod tests {
             ]),
             &TranslateOptions::default(),
         );
-        assert_eq!(t.caddyfile.marshal(), "g.test {\n\treverse_proxy host-a1:9001\n}\n");
+        assert_eq!(
+            t.caddyfile.marshal(),
+            "g.test {\n\treverse_proxy host-a1:9001\n}\n"
+        );
         assert_eq!(t.rejected.len(), 1);
         assert_eq!(
             t.rejected[0].error.to_string(),
@@ -361,24 +405,57 @@ mod tests {
     }
 
     #[test]
+    fn prefix_rule_matches_cdp() {
+        for yes in ["caddy", "caddy.reverse_proxy", "caddy_0", "caddy_12.tls"] {
+            assert!(is_caddy_label(yes, "caddy"), "{yes}");
+        }
+        for no in [
+            "caddy_version",
+            "caddy_.x",
+            "caddy_ingress_network",
+            "caddyx",
+            "xcaddy",
+            "caddy_1x",
+        ] {
+            assert!(!is_caddy_label(no, "caddy"), "{no}");
+        }
+    }
+
+    #[test]
     fn upstreams_takes_protocol_and_port() {
         let f = facts("a1", "web", &[], &[(443, 8443)]);
-        assert_eq!(evaluate("l", "upstreams https 443", &f).unwrap(), "https://host-a1:8443");
+        assert_eq!(
+            evaluate("l", "upstreams https 443", &f).unwrap(),
+            "https://host-a1:8443"
+        );
         assert_eq!(evaluate("l", "upstreams", &f).unwrap(), "host-a1:8443");
         assert_eq!(evaluate("l", "\"\"", &f).unwrap(), "");
     }
 
     #[test]
     fn unknown_template_functions_name_the_label() {
-        let f = facts("a1", "web", &[("caddy", "a.test"), ("caddy.respond", "{{invalid}}")], &[]);
+        let f = facts(
+            "a1",
+            "web",
+            &[("caddy", "a.test"), ("caddy.respond", "{{invalid}}")],
+            &[],
+        );
         let err = container_sites(&f, &TranslateOptions::default()).unwrap_err();
-        assert_eq!(err.to_string(), "label caddy.respond: function \"invalid\" not defined");
+        assert_eq!(
+            err.to_string(),
+            "label caddy.respond: function \"invalid\" not defined"
+        );
     }
 
     #[test]
     fn stopped_containers_are_not_routed() {
         let mut f = facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 1)]);
         f.state = ContainerState::Exited;
-        assert!(translate_state(&state(vec![f]), &TranslateOptions::default()).caddyfile.blocks.is_empty());
+        assert!(
+            translate_state(&state(vec![f]), &TranslateOptions::default())
+                .caddyfile
+                .blocks
+                .is_empty()
+        );
     }
 }

@@ -1,0 +1,140 @@
+//! A small client for Caddy's admin API: adapt a Caddyfile, read the
+//! running `admin` block, load a whole JSON config.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Why Caddy did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CaddyError {
+    /// Caddy could not be reached (down, restarting, wrong address).
+    #[error("cannot reach Caddy's admin API at {url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    /// Caddy answered with an error, e.g. a config it refuses.
+    #[error("Caddy refused {what} ({status}): {message}")]
+    Refused {
+        what: &'static str,
+        status: u16,
+        message: String,
+    },
+}
+
+/// Caddy's admin API at one address.
+#[derive(Debug, Clone)]
+pub struct CaddyAdmin {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl CaddyAdmin {
+    /// A client for the admin API at `base_url` (e.g. `http://127.0.0.1:2019`).
+    pub fn new(base_url: &str) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            // Caddy replaces its admin server on every load and closes the
+            // connection, so pooled connections would go stale.
+            .pool_max_idle_per_host(0)
+            .build()?;
+        Ok(CaddyAdmin {
+            base: base_url.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(
+        &self,
+        what: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CaddyError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|source| CaddyError::Unreachable {
+                url: self.base.clone(),
+                source,
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or(body);
+        Err(CaddyError::Refused {
+            what,
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn json(
+        &self,
+        what: &'static str,
+        response: reqwest::Response,
+    ) -> Result<Value, CaddyError> {
+        response
+            .json()
+            .await
+            .map_err(|source| CaddyError::Unreachable {
+                url: format!("{} ({what})", self.base),
+                source,
+            })
+    }
+
+    /// Adapts a Caddyfile to JSON without loading it.
+    pub async fn adapt(&self, caddyfile: &str) -> Result<Value, CaddyError> {
+        let request = self
+            .http
+            .post(self.url("/adapt"))
+            .header("Content-Type", "text/caddyfile")
+            .body(caddyfile.to_string());
+        let response = self.send("the Caddyfile", request).await?;
+        let mut body = self.json("adapt", response).await?;
+        Ok(body
+            .get_mut("result")
+            .map(Value::take)
+            .unwrap_or(Value::Null))
+    }
+
+    /// The running config's `admin` block, if any.
+    pub async fn running_admin(&self) -> Result<Option<Value>, CaddyError> {
+        let response = self
+            .send("reading config", self.http.get(self.url("/config/admin")))
+            .await;
+        match response {
+            Ok(response) => {
+                Ok(Some(self.json("config/admin", response).await?).filter(|v| !v.is_null()))
+            }
+            // Caddy ≥ 2.7.5 answers 404 for a path that is not set.
+            Err(CaddyError::Refused { status: 404, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The whole running config.
+    pub async fn running_config(&self) -> Result<Value, CaddyError> {
+        let response = self
+            .send("reading config", self.http.get(self.url("/config/")))
+            .await?;
+        self.json("config", response).await
+    }
+
+    /// Replaces Caddy's whole config with `config`.
+    pub async fn load(&self, config: &Value) -> Result<(), CaddyError> {
+        let request = self
+            .http
+            .post(self.url("/load"))
+            .header("Content-Type", "application/json")
+            .body(config.to_string());
+        self.send("the config", request).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,82 @@
+//! The applier's observable happenings: each function logs one line and
+//! bumps its counter together, so logs and metrics cannot drift apart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use caddy_fleet_schema::translate::Rejected;
+use caddy_fleet_schema::DecodeError;
+
+/// Counters of one applier, shared with whoever reports them.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages folded into the state.
+    pub events_folded: AtomicU64,
+    /// Messages that could not be decoded (skipped and acked).
+    pub decode_errors: AtomicU64,
+    /// Configs Caddy accepted.
+    pub pushes: AtomicU64,
+    /// Pushes Caddy or the network refused.
+    pub push_failures: AtomicU64,
+    /// Containers left out of the config because of their labels, at the last render.
+    pub rejected_containers: AtomicU64,
+    /// Duration of the last successful push, in microseconds.
+    pub last_push_micros: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub events_folded: u64,
+    pub decode_errors: u64,
+    pub pushes: u64,
+    pub push_failures: u64,
+    pub rejected_containers: u64,
+}
+
+impl Stats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            events_folded: self.events_folded.load(Ordering::Relaxed),
+            decode_errors: self.decode_errors.load(Ordering::Relaxed),
+            pushes: self.pushes.load(Ordering::Relaxed),
+            push_failures: self.push_failures.load(Ordering::Relaxed),
+            rejected_containers: self.rejected_containers.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn folded(&self) {
+        self.events_folded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn decode_failed(&self, seq: u64, subject: &str, error: &DecodeError) {
+        self.decode_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(seq, %subject, kind = error.kind(), %error, "Undecodable message skipped and acked.");
+    }
+
+    pub(crate) fn rendered(&self, rejected: &[Rejected]) {
+        self.rejected_containers
+            .store(rejected.len() as u64, Ordering::Relaxed);
+        for r in rejected {
+            tracing::warn!(agent = %r.agent, container = %r.container, container_id = %r.container_id,
+                reason = %r.error, "Container left out of the Caddy config.");
+        }
+    }
+
+    pub(crate) fn pushed(&self, took: Duration, sites: usize) {
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        self.last_push_micros
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        tracing::info!(
+            sites,
+            took_ms = took.as_millis() as u64,
+            "Caddy config pushed."
+        );
+    }
+
+    pub(crate) fn push_failed(&self, error: &dyn std::fmt::Display, retry_in: Duration) {
+        self.push_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "Caddy push failed; will retry.");
+    }
+}

@@ -1,0 +1,242 @@
+//! Reading the log: a durable pull consumer that survives transient errors,
+//! and an ordered, read-only replay.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{self, pull, AckPolicy, DeliverPolicy},
+    stream::Stream as JsStream,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+
+/// Settings of the applier's durable consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    /// The durable name; one per applier.
+    pub durable_name: String,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Subjects to read (`fleet.>` for everything).
+    pub filter_subject: String,
+}
+
+impl ConsumerSettings {
+    /// Settings for the durable consumer named `durable_name`, reading everything.
+    pub fn new(durable_name: impl Into<String>) -> Self {
+        ConsumerSettings {
+            durable_name: durable_name.into(),
+            ack_wait: Duration::from_secs(30),
+            filter_subject: format!("{}.>", caddy_fleet_schema::subject::SUBJECT_ROOT),
+        }
+    }
+}
+
+/// Why a consumer could not be set up or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot create durable consumer {name}: {source}")]
+    Create {
+        name: String,
+        source: jetstream::stream::ConsumerError,
+    },
+    #[error("cannot read stream info: {0}")]
+    Info(#[from] jetstream::stream::InfoError),
+    #[error("cannot start replay: {0}")]
+    Replay(String),
+}
+
+/// One message read from the log.
+pub struct Delivery {
+    /// The stream sequence.
+    pub seq: u64,
+    /// The subject it was published on.
+    pub subject: String,
+    /// The raw payload.
+    pub payload: Bytes,
+    message: Option<jetstream::Message>,
+}
+
+impl Delivery {
+    /// A delivery that did not come from NATS (standalone mode, tests):
+    /// acking it does nothing.
+    pub fn detached(seq: u64, subject: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Delivery {
+            seq,
+            subject: subject.into(),
+            payload: payload.into(),
+            message: None,
+        }
+    }
+
+    /// Acknowledges the message, so the durable consumer never delivers it
+    /// again. A failed ack only means a redelivery, which the fold ignores.
+    pub async fn ack(mut self) {
+        if let Some(message) = self.message.take() {
+            if let Err(error) = message.double_ack().await {
+                tracing::warn!(seq = self.seq, %error, "Ack failed; the message will be redelivered and ignored.");
+            }
+        }
+    }
+}
+
+fn delivery(message: jetstream::Message, keep: bool) -> Option<Delivery> {
+    let seq = match message.info() {
+        Ok(info) => info.stream_sequence,
+        Err(error) => {
+            tracing::warn!(%error, "Message without JetStream metadata skipped.");
+            return None;
+        }
+    };
+    Some(Delivery {
+        seq,
+        subject: message.subject.to_string(),
+        payload: message.payload.clone(),
+        message: keep.then_some(message),
+    })
+}
+
+/// A durable pull consumer that never ends on a transient error.
+///
+/// [`DurableSource::next`] logs missed heartbeats, pull errors and ended
+/// streams, waits with capped backoff and carries on; it only returns when a
+/// message arrives, so callers can `select!` on it against a shutdown.
+pub struct DurableSource {
+    consumer: consumer::PullConsumer,
+    messages: Option<pull::Stream>,
+    backoff: Duration,
+}
+
+impl DurableSource {
+    /// Creates (or attaches to) the durable consumer on `stream`.
+    pub async fn attach(
+        stream: &JsStream,
+        settings: &ConsumerSettings,
+    ) -> Result<Self, ConsumeError> {
+        let config = pull::Config {
+            durable_name: Some(settings.durable_name.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: settings.ack_wait,
+            deliver_policy: DeliverPolicy::All,
+            filter_subject: settings.filter_subject.clone(),
+            max_deliver: -1,
+            ..Default::default()
+        };
+        let consumer = stream
+            .get_or_create_consumer(&settings.durable_name, config)
+            .await
+            .map_err(|source| ConsumeError::Create {
+                name: settings.durable_name.clone(),
+                source,
+            })?;
+        Ok(DurableSource {
+            consumer,
+            messages: None,
+            backoff: Duration::from_millis(100),
+        })
+    }
+
+    /// Waits for the next message. Cancel-safe: dropping the future loses
+    /// nothing, the message stays with the server.
+    pub async fn next(&mut self) -> Delivery {
+        loop {
+            let messages = match &mut self.messages {
+                Some(messages) => messages,
+                None => match self.consumer.messages().await {
+                    Ok(messages) => self.messages.insert(messages),
+                    Err(error) => {
+                        tracing::warn!(%error, backoff = ?self.backoff, "Cannot open the consumer's message stream; retrying.");
+                        self.pause().await;
+                        continue;
+                    }
+                },
+            };
+            match messages.next().await {
+                Some(Ok(message)) => {
+                    self.backoff = Duration::from_millis(100);
+                    if let Some(delivery) = delivery(message, true) {
+                        return delivery;
+                    }
+                }
+                Some(Err(error)) => {
+                    // Missed heartbeats, pull errors and the like are
+                    // transient: log and keep reading the same stream,
+                    // unless the stream itself says it is finished.
+                    tracing::warn!(%error, kind = ?error.kind(), "Consumer error; continuing.");
+                    if matches!(
+                        error.kind(),
+                        pull::MessagesErrorKind::ConsumerDeleted
+                            | pull::MessagesErrorKind::RequestLimitExceeded
+                            | pull::MessagesErrorKind::PushBasedConsumer
+                    ) {
+                        self.messages = None;
+                        self.pause().await;
+                    }
+                }
+                None => {
+                    tracing::warn!("Consumer message stream ended; reopening.");
+                    self.messages = None;
+                    self.pause().await;
+                }
+            }
+        }
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Reads every message from the start of the stream up to the last sequence
+/// the stream holds now, in order, with an ephemeral ordered consumer that
+/// leaves no trace: no durable is created or moved.
+pub async fn replay<F>(
+    stream: &JsStream,
+    filter_subject: &str,
+    mut on_message: F,
+) -> Result<u64, ConsumeError>
+where
+    F: FnMut(Delivery),
+{
+    let info = stream.get_info().await?;
+    let last = info.state.last_sequence;
+    if info.state.messages == 0 {
+        return Ok(last);
+    }
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            filter_subject: filter_subject.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ConsumeError::Replay(e.to_string()))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| ConsumeError::Replay(e.to_string()))?;
+    while let Some(item) = messages.next().await {
+        match item {
+            Ok(message) => {
+                // `pending` counts the filtered messages still to come, so
+                // zero means caught up even when the stream's last message
+                // is outside the filter.
+                let caught_up = message.info().map(|i| i.pending == 0).unwrap_or(false);
+                let Some(delivery) = delivery(message, false) else {
+                    continue;
+                };
+                let seq = delivery.seq;
+                on_message(delivery);
+                if caught_up || seq >= last {
+                    break;
+                }
+            }
+            // The ordered consumer recreates itself after gaps and
+            // heartbeats it missed; keep reading.
+            Err(error) => tracing::warn!(%error, "Replay error; continuing."),
+        }
+    }
+    Ok(last)
+}

@@ -1,0 +1,124 @@
+//! Publishing events with an acknowledgement, retried with the same
+//! `Nats-Msg-Id` so that a retry after a lost ack is deduplicated by the
+//! stream instead of stored twice.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use caddy_fleet_schema::{AgentId, Event};
+
+/// Publishes one agent's events.
+///
+/// Message IDs are `<agent>.<run nonce>.<counter>`: unique per publisher run,
+/// so a restarted publisher never collides with its earlier self, and keyed
+/// by agent, so no agent can pre-empt another's IDs.
+pub struct EventPublisher {
+    js: jetstream::Context,
+    agent: AgentId,
+    nonce: String,
+    counter: u64,
+    /// Attempts per message before giving up.
+    max_attempts: u32,
+}
+
+/// Why an event could not be stored.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot publish to {subject} after {attempts} attempt(s): {source}")]
+pub struct PublishError {
+    pub subject: String,
+    pub attempts: u32,
+    #[source]
+    pub source: jetstream::context::PublishError,
+}
+
+impl PublishError {
+    /// What went wrong on the last attempt.
+    pub fn kind(&self) -> PublishErrorKind {
+        self.source.kind()
+    }
+}
+
+/// The result of a stored publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The stream sequence of the message.
+    pub sequence: u64,
+    /// True when the stream already had this message ID (a retry of an
+    /// earlier, acknowledged-but-lost publish).
+    pub duplicate: bool,
+}
+
+impl EventPublisher {
+    /// A publisher for `agent`'s events. `nonce` must differ between runs
+    /// of the same agent (a random UUID is fine).
+    pub fn new(js: jetstream::Context, agent: AgentId, nonce: impl Into<String>) -> Self {
+        EventPublisher {
+            js,
+            agent,
+            nonce: nonce.into(),
+            counter: 0,
+            max_attempts: 5,
+        }
+    }
+
+    /// Sets how many times a message is tried before an error is returned.
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Publishes `event` on its subject and waits for the stream's ack.
+    ///
+    /// Transient failures (timeouts, no responders during a leader
+    /// election, a broken connection) are retried with capped backoff and
+    /// the same message ID.
+    pub async fn publish(&mut self, event: &Event) -> Result<Stored, PublishError> {
+        self.counter += 1;
+        let id = format!("{}.{}.{}", self.agent, self.nonce, self.counter);
+        let subject = event.subject();
+        let payload = bytes::Bytes::from(event.encode());
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let message = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&id);
+            let result = match self.js.send_publish(subject.clone(), message).await {
+                Ok(ack) => ack.await,
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(ack) => {
+                    return Ok(Stored {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    })
+                }
+                Err(source) if attempt < self.max_attempts && is_transient(source.kind()) => {
+                    tracing::warn!(%subject, msg_id = %id, attempt, error = %source, "Publish failed, retrying with the same message ID.");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(source) => {
+                    return Err(PublishError {
+                        subject,
+                        attempts: attempt,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn is_transient(kind: PublishErrorKind) -> bool {
+    matches!(
+        kind,
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::StreamNotFound
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::MaxAckPending
+            | PublishErrorKind::Other
+    )
+}

@@ -1,0 +1,255 @@
+//! The watch loop: Docker events and listings → facts on the log.
+//!
+//! Each session with the Docker engine opens the event stream with
+//! `since=<now>` *before* listing containers, so a container that starts
+//! between the two is seen by the events, then publishes every watched
+//! container and a `sync`. When the stream fails or ends, the loop waits
+//! (capped exponential backoff) and starts a new session, which re-syncs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::models::EventMessage;
+use bollard::query_parameters::{EventsOptions, ListContainersOptionsBuilder};
+use bollard::Docker;
+use caddy_fleet_schema::{AgentSync, ContainerDown, Event, Heartbeat};
+use futures::StreamExt;
+
+use crate::config::PublisherConfig;
+use crate::facts::{from_inspect, is_watched};
+use crate::sink::EventSink;
+
+/// Container events that can change what the applier should route.
+const EVENTS: [&str; 9] = [
+    "start",
+    "die",
+    "stop",
+    "kill",
+    "destroy",
+    "pause",
+    "unpause",
+    "health_status",
+    "rename",
+];
+
+/// Why the watch loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("the event sink is closed")]
+    SinkClosed,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Watches `docker` and publishes into `sink` until `shutdown` completes.
+///
+/// Stopping the publisher publishes nothing: its containers keep running,
+/// so their routes must stay.
+pub async fn run<S: EventSink>(
+    docker: Docker,
+    config: PublisherConfig,
+    mut sink: S,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WatchError> {
+    tokio::pin!(shutdown);
+    let mut watcher = Watcher {
+        docker,
+        config,
+        known: BTreeSet::new(),
+    };
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        tokio::select! {
+            // A session ends only when Docker's stream fails or ends.
+            result = watcher.session(&mut sink) => {
+                result?;
+                tracing::warn!(backoff = ?backoff, "Docker event stream ended; reconnecting.");
+            }
+            // Shutdown: stop between two steps; nothing is published.
+            () = &mut shutdown => return Ok(()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+struct Watcher {
+    docker: Docker,
+    config: PublisherConfig,
+    /// IDs of containers whose `up` was published and not yet followed by a `down`.
+    known: BTreeSet<String>,
+}
+
+impl Watcher {
+    /// One session with the Docker engine: list, sync, then follow events.
+    /// Returns `Ok` when the event stream fails or ends.
+    async fn session<S: EventSink>(&mut self, sink: &mut S) -> Result<(), WatchError> {
+        let since = (now_ms() / 1000).to_string();
+        let mut filters: HashMap<String, Vec<String>> = HashMap::new();
+        filters.insert("type".into(), vec!["container".into()]);
+        filters.insert(
+            "event".into(),
+            EVENTS.iter().map(|e| e.to_string()).collect(),
+        );
+        if let Some(filter) = &self.config.filter_label {
+            filters.insert("label".into(), vec![filter.docker_filter()]);
+        }
+        // Lazy: the request goes out on the first poll, and `since` makes
+        // Docker replay whatever happened from now on, listing included.
+        let events = self.docker.events(Some(EventsOptions {
+            since: Some(since),
+            until: None,
+            filters: Some(filters.clone()),
+        }));
+        tokio::pin!(events);
+
+        filters.remove("event");
+        filters.remove("type");
+        let list = ListContainersOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let listed = match self.docker.list_containers(Some(list)).await {
+            Ok(listed) => listed,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot list containers.");
+                return Ok(());
+            }
+        };
+        let mut live = BTreeSet::new();
+        for summary in listed {
+            let (Some(id), Some(labels)) = (summary.id, summary.labels) else {
+                continue;
+            };
+            if !is_watched(&labels, &self.config) {
+                continue;
+            }
+            if self.refresh(&id, sink).await? {
+                live.insert(id);
+            }
+        }
+        self.known = live;
+        self.sync(sink).await?;
+
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        let mut resync = tokio::time::interval(self.config.sync_interval);
+        resync.reset();
+        loop {
+            tokio::select! {
+                // A Docker event about a watched container.
+                event = events.next() => match event {
+                    Some(Ok(event)) => self.on_event(event, sink).await?,
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "Docker event stream failed.");
+                        return Ok(());
+                    }
+                    None => return Ok(()),
+                },
+                // Liveness for the applier.
+                _ = heartbeat.tick() => {
+                    let hb = Event::Heartbeat(Heartbeat { agent: self.config.agent.clone(), sent_at_ms: now_ms() });
+                    self.send(&hb, sink).await?;
+                }
+                // Periodic full sync, in case anything was missed.
+                _ = resync.tick() => self.sync(sink).await?,
+            }
+        }
+    }
+
+    async fn on_event<S: EventSink>(
+        &mut self,
+        event: EventMessage,
+        sink: &mut S,
+    ) -> Result<(), WatchError> {
+        let Some(actor) = event.actor else {
+            return Ok(());
+        };
+        let Some(id) = actor.id else { return Ok(()) };
+        let action = event.action.unwrap_or_default();
+        tracing::debug!(container = %id, %action, "Docker event.");
+        if action == "destroy" {
+            if self.known.remove(&id) {
+                let down = Event::Down(ContainerDown {
+                    agent: self.config.agent.clone(),
+                    id,
+                    observed_at_ms: now_ms(),
+                });
+                self.send(&down, sink).await?;
+            }
+            return Ok(());
+        }
+        let labels = actor.attributes.unwrap_or_default();
+        if !self.known.contains(&id) && !is_watched(&labels, &self.config) {
+            return Ok(());
+        }
+        if self.refresh(&id, sink).await? {
+            self.known.insert(id);
+        }
+        Ok(())
+    }
+
+    /// Inspects one container and publishes its facts (or its removal).
+    /// Returns whether the container exists and is watched.
+    async fn refresh<S: EventSink>(&mut self, id: &str, sink: &mut S) -> Result<bool, WatchError> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => match from_inspect(&inspect, &self.config, now_ms()) {
+                Some(facts) => {
+                    self.send(&Event::Up(facts), sink).await?;
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
+                if self.known.remove(id) {
+                    let down = Event::Down(ContainerDown {
+                        agent: self.config.agent.clone(),
+                        id: id.to_string(),
+                        observed_at_ms: now_ms(),
+                    });
+                    self.send(&down, sink).await?;
+                }
+                Ok(false)
+            }
+            Err(error) => {
+                tracing::warn!(container = %id, %error, "Cannot inspect container.");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn sync<S: EventSink>(&mut self, sink: &mut S) -> Result<(), WatchError> {
+        let sync = Event::Sync(AgentSync {
+            agent: self.config.agent.clone(),
+            host_address: self.config.host_address.clone(),
+            containers: self.known.iter().cloned().collect(),
+            observed_at_ms: now_ms(),
+        });
+        self.send(&sync, sink).await
+    }
+
+    async fn send<S: EventSink>(&mut self, event: &Event, sink: &mut S) -> Result<(), WatchError> {
+        match sink.publish(event).await {
+            Ok(()) => {
+                tracing::debug!(subject = %event.subject(), "Published.");
+                Ok(())
+            }
+            Err(crate::SinkError::ChannelClosed) => Err(WatchError::SinkClosed),
+            Err(error) => {
+                // The next sync (or the container's next event) carries the
+                // truth again; issue #4 adds a latest-per-container buffer.
+                tracing::error!(subject = %event.subject(), %error, "Publish failed; dropping this update.");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Test fixtures for the integration suite: offline images, real NATS,
+//! real Caddy and real labeled backends on the local Docker engine, and
+//! in-process publishers and appliers wired to them.
+//!
+//! Docker is required. Without it every test fails with a message that
+//! says so; none passes silently.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use caddy_fleet::applier::{ApplierConfig, Stats};
+use caddy_fleet::nats::{NatsConfig, StreamSettings};
+use caddy_fleet::publisher::{FilterLabel, PublisherConfig};
+use caddy_fleet::schema::AgentId;
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const NATS_IMAGE: (&str, &str) = ("caddy-fleet-test/nats", "2.15.1");
+pub const CADDY_IMAGE: (&str, &str) = ("caddy-fleet-test/caddy", "2.11.7");
+pub const WHOAMI_IMAGE: (&str, &str) = ("caddy-fleet-test/whoami", "2.11.7");
+
+/// A short random ID that keeps concurrent tests apart.
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
+}
+
+/// Fails the test unless Docker answers, then builds the offline images
+/// once per test process (the script skips images that exist).
+pub fn ensure_images() {
+    static BUILT: OnceLock<Mutex<bool>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(|| Mutex::new(false))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if *built {
+        return;
+    }
+    let docker = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output();
+    match docker {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!(
+            "the integration tests need a running Docker engine, and `docker info` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => {
+            panic!("the integration tests need Docker, and the `docker` command is missing: {e}")
+        }
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/build-images.sh");
+    let status = Command::new("bash")
+        .arg(script)
+        .status()
+        .expect("run build-images.sh");
+    assert!(
+        status.success(),
+        "tests/support/build-images.sh failed; see its output above"
+    );
+    *built = true;
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A real NATS server with JetStream on file storage.
+pub struct Nats {
+    pub container: ContainerAsync<GenericImage>,
+    pub url: String,
+}
+
+impl Nats {
+    pub async fn start() -> Nats {
+        ensure_images();
+        let container = GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
+            .with_exposed_port(4222.tcp())
+            .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+            .with_cmd(["-js", "-sd", "/data"])
+            .start()
+            .await
+            .expect("start NATS container");
+        let port = container.get_host_port_ipv4(4222).await.expect("NATS port");
+        Nats {
+            container,
+            url: format!("nats://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn config(&self) -> NatsConfig {
+        NatsConfig {
+            urls: vec![self.url.clone()],
+            ..Default::default()
+        }
+    }
+
+    pub async fn client(&self) -> caddy_fleet::nats::async_nats::Client {
+        caddy_fleet::nats::connect(&self.config())
+            .await
+            .expect("connect to NATS")
+    }
+}
+
+/// A real Caddy on the host network, so its upstreams are loopback
+/// addresses; its admin API and HTTP port are free loopback ports.
+pub struct Caddy {
+    pub container: ContainerAsync<GenericImage>,
+    pub admin_port: u16,
+    pub http_port: u16,
+}
+
+impl Caddy {
+    pub async fn start() -> Caddy {
+        ensure_images();
+        let admin_port = free_port();
+        let http_port = free_port();
+        let container = GenericImage::new(CADDY_IMAGE.0, CADDY_IMAGE.1)
+            .with_wait_for(WaitFor::message_on_stderr("serving initial configuration"))
+            .with_network("host")
+            .with_env_var("CADDY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+            .with_env_var("CADDY_HTTP_PORT", http_port.to_string())
+            .with_env_var("CADDY_HTTPS_PORT", free_port().to_string())
+            .start()
+            .await
+            .expect("start Caddy container");
+        Caddy {
+            container,
+            admin_port,
+            http_port,
+        }
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// The Caddyfile the applier merges its sites into: the same global
+    /// options the image starts with.
+    pub fn base_caddyfile(&self) -> String {
+        format!(
+            "{{\n\tadmin 127.0.0.1:{}\n\thttp_port {}\n\tauto_https off\n}}\n",
+            self.admin_port, self.http_port
+        )
+    }
+
+    /// GET / with `Host: host` through Caddy: `Some((status, body))`, or
+    /// `None` when nothing answers.
+    pub async fn get(&self, host: &str) -> Option<(u16, String)> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .ok()?;
+        let response = client
+            .get(format!("http://127.0.0.1:{}/", self.http_port))
+            .header("Host", host)
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.unwrap_or_default()))
+    }
+
+    /// The running config, as Caddy reports it.
+    pub async fn config(&self) -> serde_json::Value {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("{}/config/", self.admin_url()))
+            .send()
+            .await
+            .expect("GET /config/")
+            .json()
+            .await
+            .expect("config JSON")
+    }
+}
+
+/// A labeled whoami backend answering `body` on port 80, published on a
+/// random host port.
+pub async fn start_backend(labels: &[(&str, String)], body: &str) -> ContainerAsync<GenericImage> {
+    ensure_images();
+    let mut request = GenericImage::new(WHOAMI_IMAGE.0, WHOAMI_IMAGE.1)
+        .with_exposed_port(80.tcp())
+        .with_wait_for(WaitFor::message_on_stderr("server running"))
+        .with_cmd([body.to_string()]);
+    for (k, v) in labels {
+        request = request.with_label(*k, v.clone());
+    }
+    request.start().await.expect("start backend container")
+}
+
+/// A component running in-process, stopped by `stop()` or on drop.
+pub struct Running {
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), caddy_fleet::FleetError>>>,
+}
+
+impl Running {
+    fn spawn<F>(run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Running
+    where
+        F: Future<Output = Result<(), caddy_fleet::FleetError>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        Running {
+            shutdown: Some(tx),
+            task: Some(tokio::spawn(run(rx))),
+        }
+    }
+
+    /// Asks the component to stop and waits (bounded) for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("component did not stop within 10 s")
+                .expect("component task panicked");
+            result.expect("component failed");
+        }
+    }
+
+    /// Panics if the component already stopped with an error.
+    pub fn assert_running(&self) {
+        if let Some(task) = &self.task {
+            assert!(!task.is_finished(), "component stopped unexpectedly");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A publisher for `agent` that watches only containers labeled
+/// `caddy-fleet-test=<filter>` and reports `host_address`.
+pub fn start_publisher(nats: &Nats, agent: &str, filter: &str, host_address: &str) -> Running {
+    let nats = nats.config();
+    let mut config = PublisherConfig::new(AgentId::new(agent).expect("agent id"), host_address);
+    config.filter_label = Some(FilterLabel {
+        key: "caddy-fleet-test".into(),
+        value: Some(filter.into()),
+    });
+    Running::spawn(move |rx| async move {
+        caddy_fleet::run_publisher(&nats, config, async {
+            let _ = rx.await;
+        })
+        .await
+    })
+}
+
+/// An applier with durable consumer `durable` converging `caddy`.
+pub fn start_applier(nats: &Nats, caddy: &Caddy, durable: &str) -> (Running, Arc<Stats>) {
+    let nats = nats.config();
+    let mut config = ApplierConfig::new(caddy.admin_url());
+    config.base_caddyfile = Some(caddy.base_caddyfile());
+    config.quiet_window = Duration::from_millis(100);
+    let stats = Arc::new(Stats::default());
+    let durable = durable.to_string();
+    let task_stats = stats.clone();
+    let running = Running::spawn(move |rx| async move {
+        caddy_fleet::run_applier(
+            &nats,
+            &StreamSettings::default(),
+            &durable,
+            config,
+            task_stats,
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+    });
+    (running, stats)
+}
+
+/// The labels that route `http://<domain>` to the container's port 80,
+/// scoped to one test by `filter`.
+pub fn web_labels(domain: &str, filter: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("caddy", format!("http://{domain}")),
+        ("caddy.reverse_proxy", "{{upstreams 80}}".to_string()),
+        ("caddy-fleet-test", filter.to_string()),
+    ]
+}
