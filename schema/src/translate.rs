@@ -243,11 +243,13 @@ fn evaluate(label: &str, action: &str, facts: &ContainerFacts) -> Result<String,
             for arg in args {
                 match *arg {
                     "http" | "https" | "h2c" => proto = Some(*arg),
-                    number => port = Some(number.parse::<u16>().map_err(|_| {
-                        template_error(format!(
+                    number => {
+                        port = Some(number.parse::<u16>().map_err(|_| {
+                            template_error(format!(
                             "upstreams: expected http, https, h2c or a port number, got {number:?}"
                         ))
-                    })?),
+                        })?)
+                    }
                 }
             }
             upstreams(label, facts, proto, port)
