@@ -45,7 +45,7 @@ async fn labeled_backend_is_routed_then_unrouted_when_stopped() {
         "the route to leave Caddy's config",
         Duration::from_secs(30),
         || async {
-            let config = caddy.config().await.to_string();
+            let config = caddy.config().await?.to_string();
             (!config.contains(&domain)).then_some(config)
         },
     )

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use caddy_fleet_nats::async_nats::jetstream::stream::Stream as JsStream;
 use caddy_fleet_nats::consume::{replay, ConsumeError};
+use caddy_fleet_schema::caddyfile::{Caddyfile, ParseError};
 use caddy_fleet_schema::translate::{translate_state, TranslateOptions};
 use caddy_fleet_schema::{Event, RouteState};
 use serde_json::Value;
@@ -21,6 +22,8 @@ use crate::telemetry::Stats;
 pub enum ApplierError {
     #[error("invalid Caddy admin URL {url:?}: {source}")]
     CaddyClient { url: String, source: reqwest::Error },
+    #[error("the base Caddyfile (CADDY_BASE_CADDYFILE) cannot be read: {0}")]
+    BaseCaddyfile(#[from] ParseError),
     #[error(transparent)]
     Rebuild(#[from] ConsumeError),
 }
@@ -62,24 +65,18 @@ fn fold(state: &mut RouteState, stats: &Stats, seq: u64, subject: &str, payload:
     }
 }
 
-/// The Caddyfile for `state`: the user's base first, then the generated sites.
+/// The Caddyfile for `state`: the user's base with every container's
+/// blocks merged in, and how many top-level blocks it has.
 pub fn render(
     state: &RouteState,
-    base: Option<&str>,
+    base: Option<&Caddyfile>,
     options: &TranslateOptions,
     stats: &Stats,
 ) -> (String, usize) {
-    let translation = translate_state(state, options);
-    stats.rendered(&translation.rejected);
-    let mut text = String::new();
-    if let Some(base) = base {
-        text.push_str(base);
-        if !text.ends_with('\n') {
-            text.push('\n');
-        }
-    }
-    text.push_str(&translation.caddyfile.marshal());
-    (text, translation.caddyfile.blocks.len())
+    let translation = translate_state(state, base, options);
+    let blocks = translation.caddyfile.blocks.len();
+    stats.rendered(translation.rejected);
+    (translation.caddyfile.marshal(), blocks)
 }
 
 /// Runs the applier until `shutdown` completes (or the source ends).
@@ -101,6 +98,11 @@ pub async fn run<S: LogSource>(
             url: config.caddy_admin_url.clone(),
             source,
         })?;
+    let base = config
+        .base_caddyfile
+        .as_deref()
+        .map(Caddyfile::parse)
+        .transpose()?;
     let mut pushed: Option<String> = None;
     // When to push next; `None` while Caddy is converged. The first push
     // happens at once, so a restarted applier re-asserts its state.
@@ -123,7 +125,7 @@ pub async fn run<S: LogSource>(
             // The burst settled (or a retry is due): converge Caddy.
             () = tokio::time::sleep_until(deadline), if push_at.is_some() => {
                 burst_started = None;
-                match converge(&caddy, &state, &config, &stats, &mut pushed).await {
+                match converge(&caddy, &state, base.as_ref(), &config, &stats, &mut pushed).await {
                     Ok(()) => {
                         push_at = None;
                         retry = Duration::from_millis(250);
@@ -145,16 +147,12 @@ pub async fn run<S: LogSource>(
 async fn converge(
     caddy: &CaddyAdmin,
     state: &RouteState,
+    base: Option<&Caddyfile>,
     config: &ApplierConfig,
     stats: &Stats,
     pushed: &mut Option<String>,
 ) -> Result<(), CaddyError> {
-    let (caddyfile, sites) = render(
-        state,
-        config.base_caddyfile.as_deref(),
-        &config.translate,
-        stats,
-    );
+    let (caddyfile, sites) = render(state, base, &config.translate, stats);
     if pushed.as_deref() == Some(caddyfile.as_str()) {
         return Ok(());
     }

@@ -2,6 +2,7 @@
 //! bumps its counter together, so logs and metrics cannot drift apart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use caddy_fleet_schema::translate::Rejected;
@@ -22,6 +23,8 @@ pub struct Stats {
     pub rejected_containers: AtomicU64,
     /// Duration of the last successful push, in microseconds.
     pub last_push_micros: AtomicU64,
+    /// The containers left out at the last render, with their reasons.
+    rejected: Mutex<Vec<Rejected>>,
 }
 
 /// A copy of the counters at one moment.
@@ -55,13 +58,31 @@ impl Stats {
         tracing::error!(seq, %subject, kind = error.kind(), %error, "Undecodable message skipped and acked.");
     }
 
-    pub(crate) fn rendered(&self, rejected: &[Rejected]) {
+    /// The containers left out of the config at the last render, and why.
+    pub fn rejected(&self) -> Vec<Rejected> {
+        self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Records the containers left out of this render; logs each one when
+    /// it is first left out and when it is back, not on every render.
+    pub(crate) fn rendered(&self, rejected: Vec<Rejected>) {
         self.rejected_containers
             .store(rejected.len() as u64, Ordering::Relaxed);
-        for r in rejected {
+        let Ok(mut previous) = self.rejected.lock() else {
+            return;
+        };
+        for r in rejected.iter().filter(|r| !previous.contains(r)) {
             tracing::warn!(agent = %r.agent, container = %r.container, container_id = %r.container_id,
                 reason = %r.error, "Container left out of the Caddy config.");
         }
+        for r in previous
+            .iter()
+            .filter(|p| !rejected.iter().any(|r| r.container_id == p.container_id))
+        {
+            tracing::info!(agent = %r.agent, container = %r.container, container_id = %r.container_id,
+                "Container no longer left out of the Caddy config.");
+        }
+        *previous = rejected;
     }
 
     pub(crate) fn pushed(&self, took: Duration, sites: usize) {

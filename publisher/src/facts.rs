@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
-use caddy_fleet_schema::translate::is_caddy_label;
+use caddy_fleet_schema::labels::is_caddy_label;
 use caddy_fleet_schema::{ContainerFacts, ContainerState, Health, PortBinding};
 
 use crate::config::PublisherConfig;

@@ -9,14 +9,20 @@
 //!   their typed decoding errors.
 //! - [`subject`]: agent IDs and the `fleet.<agent>.…` subjects.
 //! - [`state`]: [`RouteState`] and its fold, [`RouteState::apply`].
-//! - [`caddyfile`]: a Caddyfile block tree and its CDP-style marshalling.
-//! - [`translate`]: container labels → Caddyfile sites, with upstreams
-//!   resolved from container facts.
+//! - [`lexer`], [`caddyfile`]: Caddyfile tokens and blocks; parsing,
+//!   caddy-docker-proxy's merge, sort and marshalling.
+//! - [`template`], [`labels`]: caddy-docker-proxy's label grammar and the
+//!   `{{upstreams}}` template.
+//! - [`translate`]: container facts → one merged Caddyfile, with upstreams
+//!   resolved from the facts and bad containers left out.
 
 pub mod caddyfile;
 pub mod event;
+pub mod labels;
+pub mod lexer;
 pub mod state;
 pub mod subject;
+pub mod template;
 pub mod translate;
 
 pub use event::{

@@ -1,54 +1,48 @@
-//! Container labels → Caddyfile sites, and the merge of every container's
-//! sites into one Caddyfile.
-//!
-//! This is the first cut of the translation: the site address label
-//! (`caddy=a.example.com b.example.com`), nested directives by dots
-//! (`caddy.reverse_proxy`, `caddy.tls.dns`, …) and the `{{upstreams}}`
-//! template, resolved from the container's published ports. Sites with the
-//! same address from several containers merge into one, and their
-//! `reverse_proxy` lines with the same matcher join into one upstream list,
-//! as caddy-docker-proxy does.
+//! Container facts → one Caddyfile: each routable container's labels are
+//! translated with caddy-docker-proxy's grammar ([`crate::labels`]), its
+//! `{{upstreams}}` resolved from its facts, and the results merged after
+//! the user's base Caddyfile the way caddy-docker-proxy merges them, so one
+//! domain on three hosts becomes one site with three upstreams.
 //!
 //! A container whose labels cannot be translated is left out with a
-//! [`TranslateError`]; it never affects other containers.
+//! [`Rejected`] entry; it never affects other containers.
 
 use std::collections::BTreeSet;
 
-use crate::caddyfile::{Block, Caddyfile};
+use crate::caddyfile::Caddyfile;
 use crate::event::ContainerFacts;
+use crate::labels::{from_labels, LabelError};
 use crate::state::RouteState;
+use crate::subject::AgentId;
+use crate::template::Upstreams;
 
-/// How labels are read.
+/// How labels are read and upstreams resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TranslateOptions {
     /// The label prefix (`caddy` unless configured otherwise).
     pub label_prefix: String,
+    /// The agent running next to Caddy (server mode), whose containers may
+    /// be reached on a shared Docker network instead of published ports.
+    pub local: Option<LocalNetwork>,
+}
+
+/// Reaching the local agent's containers on a Docker network, as
+/// caddy-docker-proxy does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNetwork {
+    /// The agent whose containers share a network with Caddy.
+    pub agent: AgentId,
+    /// The network's name.
+    pub network: String,
 }
 
 impl Default for TranslateOptions {
     fn default() -> Self {
         TranslateOptions {
             label_prefix: "caddy".to_string(),
+            local: None,
         }
     }
-}
-
-/// Why one container's labels produced no route.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TranslateError {
-    /// The label's template could not be evaluated.
-    #[error("label {label}: {reason}")]
-    Template { label: String, reason: String },
-    /// `{{upstreams <port>}}` names a port the container does not publish.
-    #[error("no published port for {port}/tcp on container {container}")]
-    NoPublishedPort { port: u16, container: String },
-    /// `{{upstreams}}` without a port, and the container does not publish exactly one.
-    #[error("label {label}: {{{{upstreams}}}} needs a port because container {container} publishes {count} TCP ports; write {{{{upstreams <port>}}}}")]
-    AmbiguousPort {
-        label: String,
-        container: String,
-        count: usize,
-    },
 }
 
 /// A container left out of the generated config, and why.
@@ -61,52 +55,36 @@ pub struct Rejected {
     /// The container's ID.
     pub container_id: String,
     /// What was wrong.
-    pub error: TranslateError,
+    pub error: LabelError,
 }
 
-/// The generated sites and the containers that could not contribute.
+/// The merged config and the containers that could not contribute.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Translation {
-    /// Every site, merged and in a stable order.
+    /// The base Caddyfile with every container's blocks merged in.
     pub caddyfile: Caddyfile,
     /// Containers left out.
     pub rejected: Vec<Rejected>,
 }
 
-/// Whether `key` is a label caddy-docker-proxy reads for `prefix`: the
-/// prefix itself, `prefix_N`, or either followed by `.` and a path. Look-alikes
-/// such as `caddy_version` or `caddy_ingress_network` are not.
-pub fn is_caddy_label(key: &str, prefix: &str) -> bool {
-    let Some(rest) = key.strip_prefix(prefix) else {
-        return false;
+/// Translates every routable container of `state` and merges the results
+/// after `base` (the user's Caddyfile), in the state's stable order.
+pub fn translate_state(
+    state: &RouteState,
+    base: Option<&Caddyfile>,
+    options: &TranslateOptions,
+) -> Translation {
+    let mut translation = Translation {
+        caddyfile: base.cloned().unwrap_or_default(),
+        rejected: Vec::new(),
     };
-    let rest = match rest.strip_prefix('_') {
-        Some(numbered) => {
-            let digits = numbered.bytes().take_while(u8::is_ascii_digit).count();
-            if digits == 0 {
-                return false;
-            }
-            &numbered[digits..]
-        }
-        None => rest,
-    };
-    rest.is_empty() || rest.starts_with('.')
-}
-
-/// Translates every routable container of the state and merges the result.
-pub fn translate_state(state: &RouteState, options: &TranslateOptions) -> Translation {
-    let mut translation = Translation::default();
     for record in state.live_containers() {
         let facts = &record.facts;
         if !facts.is_routable() {
             continue;
         }
-        match container_sites(facts, options) {
-            Ok(sites) => {
-                for site in sites {
-                    merge_site(&mut translation.caddyfile.blocks, site);
-                }
-            }
+        match translate_container(facts, options) {
+            Ok(file) => translation.caddyfile.merge(file),
             Err(error) => translation.rejected.push(Rejected {
                 agent: facts.agent.to_string(),
                 container: facts.name.clone(),
@@ -116,190 +94,70 @@ pub fn translate_state(state: &RouteState, options: &TranslateOptions) -> Transl
         }
     }
     translation
-        .caddyfile
-        .blocks
-        .sort_by(|a, b| a.keys.cmp(&b.keys));
-    translation
 }
 
-/// The sites one container declares.
-pub fn container_sites(
+/// One container's labels as a Caddyfile, upstreams resolved.
+pub fn translate_container(
     facts: &ContainerFacts,
     options: &TranslateOptions,
-) -> Result<Vec<Block>, TranslateError> {
-    let prefix = options.label_prefix.as_str();
-    let Some(addresses) = facts.labels.get(prefix) else {
-        return Ok(Vec::new());
-    };
-    let mut site = Block {
-        keys: expand(prefix, addresses, facts)?,
-        children: Vec::new(),
-    };
-    let nested = format!("{prefix}.");
-    for (label, value) in &facts.labels {
-        let Some(path) = label.strip_prefix(&nested) else {
-            continue;
-        };
-        let mut block = &mut site;
-        for name in path.split('.') {
-            let index = match block
-                .children
-                .iter()
-                .position(|c| c.keys.first().map(String::as_str) == Some(name))
-            {
-                Some(index) => index,
-                None => {
-                    block.children.push(Block::line([name]));
-                    block.children.len() - 1
-                }
-            };
-            block = &mut block.children[index];
+) -> Result<Caddyfile, LabelError> {
+    let network = options
+        .local
+        .as_ref()
+        .filter(|local| local.agent == facts.agent)
+        .and_then(|local| facts.networks.get(&local.network));
+    let upstreams = FactsUpstreams { facts, network };
+    from_labels(&facts.labels, &options.label_prefix, &upstreams)
+}
+
+/// `{{upstreams}}` for one container: its IP on the shared network (local
+/// containers in server mode), else its agent's address and published ports.
+struct FactsUpstreams<'a> {
+    facts: &'a ContainerFacts,
+    network: Option<&'a String>,
+}
+
+impl Upstreams for FactsUpstreams<'_> {
+    fn resolve(&self, port: Option<u16>) -> Result<Vec<String>, String> {
+        let facts = self.facts;
+        let tcp = facts.ports.iter().filter(|p| p.protocol == "tcp");
+        if let Some(ip) = self.network {
+            return Ok(vec![match port {
+                Some(port) => format!("{ip}:{port}"),
+                None => ip.clone(),
+            }]);
         }
-        block.keys.extend(expand(label, value, facts)?);
-    }
-    Ok(vec![site])
-}
-
-/// Merges `site` into `sites`: same addresses → one site, and within it a
-/// `reverse_proxy` with the same matcher gains the new upstreams; identical
-/// lines are kept once.
-fn merge_site(sites: &mut Vec<Block>, site: Block) {
-    match sites.iter_mut().find(|s| s.keys == site.keys) {
-        Some(existing) => merge_children(existing, site.children),
-        None => sites.push(site),
-    }
-}
-
-fn merge_children(into: &mut Block, children: Vec<Block>) {
-    for child in children {
-        let directive = child.keys.first().map(String::as_str);
-        if directive == Some("reverse_proxy") {
-            let matcher = proxy_matcher(&child);
-            if let Some(existing) = into.children.iter_mut().find(|c| {
-                c.keys.first().map(String::as_str) == Some("reverse_proxy")
-                    && proxy_matcher(c) == matcher
-            }) {
-                let skip = if matcher == "*" { 1 } else { 2 };
-                for upstream in child.keys.into_iter().skip(skip) {
-                    if !existing.keys.contains(&upstream) {
-                        existing.keys.push(upstream);
-                    }
-                }
-                merge_children(existing, child.children);
-                continue;
-            }
-        }
-        match into.children.iter_mut().find(|c| c.keys == child.keys) {
-            Some(existing) => merge_children(existing, child.children),
-            None => into.children.push(child),
-        }
-    }
-}
-
-/// The matcher of a `reverse_proxy` line: its first argument if that is a
-/// path, `*` or a named matcher; otherwise `*`.
-fn proxy_matcher(block: &Block) -> &str {
-    match block.keys.get(1) {
-        Some(m) if m == "*" || m.starts_with('/') || m.starts_with('@') => m,
-        _ => "*",
-    }
-}
-
-/// Evaluates the templates in one label value and splits it into tokens.
-fn expand(label: &str, value: &str, facts: &ContainerFacts) -> Result<Vec<String>, TranslateError> {
-    let mut text = String::new();
-    let mut rest = value;
-    while let Some(start) = rest.find("{{") {
-        text.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find("}}") else {
-            return Err(TranslateError::Template {
-                label: label.to_string(),
-                reason: "unclosed action: \"{{\" without \"}}\"".to_string(),
-            });
-        };
-        text.push_str(&evaluate(label, after[..end].trim(), facts)?);
-        rest = &after[end + 2..];
-    }
-    text.push_str(rest);
-    Ok(text.split_whitespace().map(str::to_string).collect())
-}
-
-/// Evaluates one `{{ … }}` action.
-fn evaluate(label: &str, action: &str, facts: &ContainerFacts) -> Result<String, TranslateError> {
-    let words: Vec<&str> = action.split_whitespace().collect();
-    let template_error = |reason: String| TranslateError::Template {
-        label: label.to_string(),
-        reason,
-    };
-    match words.as_slice() {
-        [] => Err(template_error("missing value for command".to_string())),
-        [literal] if literal.len() >= 2 && literal.starts_with('"') && literal.ends_with('"') => {
-            Ok(literal[1..literal.len() - 1].to_string())
-        }
-        ["upstreams", args @ ..] => {
-            let mut proto = None;
-            let mut port = None;
-            for arg in args {
-                match *arg {
-                    "http" | "https" | "h2c" => proto = Some(*arg),
-                    number => {
-                        port = Some(number.parse::<u16>().map_err(|_| {
-                            template_error(format!(
-                            "upstreams: expected http, https, h2c or a port number, got {number:?}"
+        let port = match port {
+            Some(port) => port,
+            None => {
+                let ports: BTreeSet<u16> = tcp.clone().map(|p| p.container_port).collect();
+                match ports.iter().next() {
+                    Some(port) if ports.len() == 1 => *port,
+                    _ => {
+                        return Err(format!(
+                            "{{{{upstreams}}}} needs a port: container {} publishes {} TCP ports; write {{{{upstreams <port>}}}}",
+                            facts.name,
+                            ports.len()
                         ))
-                        })?)
                     }
                 }
             }
-            upstreams(label, facts, proto, port)
+        };
+        let host_ports: BTreeSet<u16> = tcp
+            .filter(|p| p.container_port == port)
+            .map(|p| p.host_port)
+            .collect();
+        if host_ports.is_empty() {
+            return Err(format!(
+                "no published port for {port}/tcp on container {}",
+                facts.name
+            ));
         }
-        [proto @ ("http" | "https" | "h2c")] => Ok((*proto).to_string()),
-        [function, ..] => Err(template_error(format!("function {function:?} not defined"))),
+        Ok(host_ports
+            .iter()
+            .map(|host_port| format!("{}:{host_port}", facts.host_address))
+            .collect())
     }
-}
-
-/// `{{upstreams [proto] [port]}}`: the container's published address(es)
-/// for that container port, on its agent's host address.
-fn upstreams(
-    label: &str,
-    facts: &ContainerFacts,
-    proto: Option<&str>,
-    port: Option<u16>,
-) -> Result<String, TranslateError> {
-    let tcp = facts.ports.iter().filter(|p| p.protocol == "tcp");
-    let port = match port {
-        Some(port) => port,
-        None => {
-            let ports: BTreeSet<u16> = tcp.clone().map(|p| p.container_port).collect();
-            match ports.iter().next() {
-                Some(port) if ports.len() == 1 => *port,
-                _ => {
-                    return Err(TranslateError::AmbiguousPort {
-                        label: label.to_string(),
-                        container: facts.name.clone(),
-                        count: ports.len(),
-                    })
-                }
-            }
-        }
-    };
-    let host_ports: BTreeSet<u16> = tcp
-        .filter(|p| p.container_port == port)
-        .map(|p| p.host_port)
-        .collect();
-    if host_ports.is_empty() {
-        return Err(TranslateError::NoPublishedPort {
-            port,
-            container: facts.name.clone(),
-        });
-    }
-    let scheme = proto.map(|p| format!("{p}://")).unwrap_or_default();
-    Ok(host_ports
-        .iter()
-        .map(|host_port| format!("{scheme}{}:{host_port}", facts.host_address))
-        .collect::<Vec<_>>()
-        .join(" "))
 }
 
 #[cfg(test)]
@@ -307,8 +165,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::event::{ContainerState, Event, Health, PortBinding};
-    use crate::subject::AgentId;
+    use crate::event::{ContainerState, Event, PortBinding};
+    use crate::Health;
 
     fn facts(
         agent: &str,
@@ -336,7 +194,7 @@ mod tests {
                     })
                 })
                 .collect(),
-            networks: BTreeMap::new(),
+            networks: BTreeMap::from([("front".to_string(), format!("172.18.0.{}", name.len()))]),
             state: ContainerState::Running,
             health: Health::None,
             observed_at_ms: 0,
@@ -351,19 +209,20 @@ mod tests {
         s
     }
 
+    fn translate(containers: Vec<ContainerFacts>) -> Translation {
+        translate_state(&state(containers), None, &TranslateOptions::default())
+    }
+
     const PROXY: (&str, &str) = ("caddy.reverse_proxy", "{{upstreams 80}}");
 
     #[test]
     fn basic_labels_become_a_site_on_the_published_port() {
-        let t = translate_state(
-            &state(vec![facts(
-                "a1",
-                "web",
-                &[("caddy", "a.test"), PROXY],
-                &[(80, 32768)],
-            )]),
-            &TranslateOptions::default(),
-        );
+        let t = translate(vec![facts(
+            "a1",
+            "web",
+            &[("caddy", "a.test"), PROXY],
+            &[(80, 32768)],
+        )]);
         assert_eq!(
             t.caddyfile.marshal(),
             "a.test {\n\treverse_proxy host-a1:32768\n}\n"
@@ -372,29 +231,24 @@ mod tests {
     }
 
     #[test]
-    fn same_domain_on_several_hosts_is_one_load_balanced_site() {
-        let t = translate_state(
-            &state(vec![
-                facts("a2", "web", &[("caddy", "a.test"), PROXY], &[(80, 8002)]),
-                facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 8001)]),
-            ]),
-            &TranslateOptions::default(),
-        );
+    fn same_domain_on_three_hosts_is_one_load_balanced_site() {
+        let t = translate(vec![
+            facts("a3", "web", &[("caddy", "a.test"), PROXY], &[(80, 8003)]),
+            facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 8001)]),
+            facts("a2", "web", &[("caddy", "a.test"), PROXY], &[(80, 8002)]),
+        ]);
         assert_eq!(
             t.caddyfile.marshal(),
-            "a.test {\n\treverse_proxy host-a1:8001 host-a2:8002\n}\n"
+            "a.test {\n\treverse_proxy host-a1:8001 host-a2:8002 host-a3:8003\n}\n"
         );
     }
 
     #[test]
     fn missing_published_port_rejects_only_that_container() {
-        let t = translate_state(
-            &state(vec![
-                facts("a1", "bad", &[("caddy", "b.test"), PROXY], &[(8080, 9000)]),
-                facts("a1", "good", &[("caddy", "g.test"), PROXY], &[(80, 9001)]),
-            ]),
-            &TranslateOptions::default(),
-        );
+        let t = translate(vec![
+            facts("a1", "bad", &[("caddy", "b.test"), PROXY], &[(8080, 9000)]),
+            facts("a1", "good", &[("caddy", "g.test"), PROXY], &[(80, 9001)]),
+        ]);
         assert_eq!(
             t.caddyfile.marshal(),
             "g.test {\n\treverse_proxy host-a1:9001\n}\n"
@@ -402,62 +256,79 @@ mod tests {
         assert_eq!(t.rejected.len(), 1);
         assert_eq!(
             t.rejected[0].error.to_string(),
-            "no published port for 80/tcp on container bad"
+            "label caddy.reverse_proxy: no published port for 80/tcp on container bad"
         );
     }
 
     #[test]
-    fn prefix_rule_matches_cdp() {
-        for yes in ["caddy", "caddy.reverse_proxy", "caddy_0", "caddy_12.tls"] {
-            assert!(is_caddy_label(yes, "caddy"), "{yes}");
-        }
-        for no in [
-            "caddy_version",
-            "caddy_.x",
-            "caddy_ingress_network",
-            "caddyx",
-            "xcaddy",
-            "caddy_1x",
-        ] {
-            assert!(!is_caddy_label(no, "caddy"), "{no}");
-        }
-    }
-
-    #[test]
-    fn upstreams_takes_protocol_and_port() {
-        let f = facts("a1", "web", &[], &[(443, 8443)]);
+    fn several_bindings_give_one_upstream_each_and_bare_upstreams_needs_one_port() {
+        let f = facts("a1", "web", &[], &[(80, 8001), (80, 8002), (443, 8443)]);
+        let up = FactsUpstreams {
+            facts: &f,
+            network: None,
+        };
         assert_eq!(
-            evaluate("l", "upstreams https 443", &f).unwrap(),
-            "https://host-a1:8443"
+            up.resolve(Some(80)).unwrap(),
+            ["host-a1:8001", "host-a1:8002"]
         );
-        assert_eq!(evaluate("l", "upstreams", &f).unwrap(), "host-a1:8443");
-        assert_eq!(evaluate("l", "\"\"", &f).unwrap(), "");
+        assert!(up
+            .resolve(None)
+            .unwrap_err()
+            .contains("publishes 2 TCP ports"));
+        let one = facts("a1", "one", &[], &[(443, 8443)]);
+        assert_eq!(
+            FactsUpstreams {
+                facts: &one,
+                network: None
+            }
+            .resolve(None)
+            .unwrap(),
+            ["host-a1:8443"]
+        );
     }
 
     #[test]
-    fn unknown_template_functions_name_the_label() {
-        let f = facts(
+    fn local_containers_use_the_shared_network() {
+        let options = TranslateOptions {
+            local: Some(LocalNetwork {
+                agent: AgentId::new("srv").unwrap(),
+                network: "front".into(),
+            }),
+            ..TranslateOptions::default()
+        };
+        let local = facts("srv", "web", &[("caddy", "a.test"), PROXY], &[]);
+        let remote = facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 8001)]);
+        let t = translate_state(&state(vec![local, remote]), None, &options);
+        assert_eq!(
+            t.caddyfile.marshal(),
+            "a.test {\n\treverse_proxy host-a1:8001 172.18.0.3:80\n}\n"
+        );
+    }
+
+    #[test]
+    fn sites_merge_after_the_base_caddyfile() {
+        let base =
+            Caddyfile::parse("{\n\tadmin 127.0.0.1:2019\n}\nstatic.test {\n\trespond hi\n}\n")
+                .unwrap();
+        let s = state(vec![facts(
             "a1",
             "web",
-            &[("caddy", "a.test"), ("caddy.respond", "{{invalid}}")],
-            &[],
-        );
-        let err = container_sites(&f, &TranslateOptions::default()).unwrap_err();
+            &[("caddy", "a.test"), PROXY],
+            &[(80, 8001)],
+        )]);
+        let t = translate_state(&s, Some(&base), &TranslateOptions::default());
         assert_eq!(
-            err.to_string(),
-            "label caddy.respond: function \"invalid\" not defined"
+            t.caddyfile.marshal(),
+            "{\n\tadmin 127.0.0.1:2019\n}\nstatic.test {\n\trespond hi\n}\na.test {\n\treverse_proxy host-a1:8001\n}\n"
         );
     }
 
     #[test]
-    fn stopped_containers_are_not_routed() {
-        let mut f = facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 1)]);
-        f.state = ContainerState::Exited;
-        assert!(
-            translate_state(&state(vec![f]), &TranslateOptions::default())
-                .caddyfile
-                .blocks
-                .is_empty()
-        );
+    fn stopped_and_unhealthy_containers_are_not_routed() {
+        let mut stopped = facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 1)]);
+        stopped.state = ContainerState::Exited;
+        let mut sick = facts("a1", "sick", &[("caddy", "b.test"), PROXY], &[(80, 2)]);
+        sick.health = Health::Unhealthy;
+        assert!(translate(vec![stopped, sick]).caddyfile.blocks.is_empty());
     }
 }
