@@ -86,3 +86,76 @@ pub async fn run_applier(
     tracing::info!("Applier stopped.");
     Ok(())
 }
+
+/// Why `caddy-fleet labels` could not print a Caddyfile.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelsError {
+    #[error(transparent)]
+    Translate(#[from] caddy_fleet_schema::labels::LabelError),
+    #[error(transparent)]
+    Docker(#[from] FleetError),
+    #[error("cannot inspect container {container}: {source}")]
+    Inspect {
+        container: String,
+        source: caddy_fleet_publisher::bollard::errors::Error,
+    },
+    #[error("container {container} has no labels under the prefix {prefix:?}")]
+    NotLabeled { container: String, prefix: String },
+}
+
+/// The Caddyfile for labels given in caddy-docker-proxy's golden-file
+/// format (`KEY = VALUE` lines), with `{{upstreams}}` standing for
+/// `targets`, as `caddy-fleet labels` prints it.
+pub fn labels_caddyfile(
+    text: &str,
+    prefix: &str,
+    targets: Vec<String>,
+) -> Result<String, LabelsError> {
+    let labels = caddy_fleet_schema::labels::parse_golden_labels(text);
+    let upstreams = caddy_fleet_schema::template::FixedTargets(targets);
+    Ok(caddy_fleet_schema::labels::from_labels(&labels, prefix, &upstreams)?.marshal())
+}
+
+/// The Caddyfile for a live local container's labels. Upstreams are the
+/// container's published ports on `host_address`, unless `targets` are given.
+pub async fn container_caddyfile(
+    container: &str,
+    prefix: &str,
+    host_address: &str,
+    targets: Option<Vec<String>>,
+) -> Result<String, LabelsError> {
+    use caddy_fleet_schema::translate::{translate_container, TranslateOptions};
+    let docker = connect_docker().await?;
+    let inspect = docker
+        .inspect_container(container, None)
+        .await
+        .map_err(|source| LabelsError::Inspect {
+            container: container.to_string(),
+            source,
+        })?;
+    let mut config =
+        PublisherConfig::new(caddy_fleet_schema::AgentId::sanitize("local"), host_address);
+    config.label_prefix = prefix.to_string();
+    let facts =
+        caddy_fleet_publisher::facts::from_inspect(&inspect, &config, 0).ok_or_else(|| {
+            LabelsError::NotLabeled {
+                container: container.to_string(),
+                prefix: prefix.to_string(),
+            }
+        })?;
+    let file = match targets {
+        Some(targets) => caddy_fleet_schema::labels::from_labels(
+            &facts.labels,
+            prefix,
+            &caddy_fleet_schema::template::FixedTargets(targets),
+        )?,
+        None => translate_container(
+            &facts,
+            &TranslateOptions {
+                label_prefix: prefix.to_string(),
+                local: None,
+            },
+        )?,
+    };
+    Ok(file.marshal())
+}

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use caddy_fleet::applier::{ApplierConfig, Stats};
 use caddy_fleet::nats::{NatsAuth, NatsConfig, NatsTls, StreamSettings};
 use caddy_fleet::publisher::{FilterLabel, PublisherConfig};
+use caddy_fleet::schema::translate::LocalNetwork;
 use caddy_fleet::schema::AgentId;
 use clap::{Args, Parser, Subcommand};
 
@@ -25,6 +26,28 @@ enum Command {
     Publisher(PublisherArgs),
     /// Read the log from NATS and converge Caddy to it.
     Applier(ApplierArgs),
+    /// Print the Caddyfile that labels translate to (for debugging labels).
+    Labels(LabelsArgs),
+}
+
+#[derive(Args)]
+struct LabelsArgs {
+    /// A file of `KEY = VALUE` lines (caddy-docker-proxy's test format;
+    /// everything after a line of ten dashes is ignored). Default: stdin.
+    file: Option<PathBuf>,
+    /// Translate the labels of this local container (ID or name) instead.
+    #[arg(long, conflicts_with = "file")]
+    container: Option<String>,
+    /// Addresses standing in for `{{upstreams}}` (e.g. `target`); repeat
+    /// the flag or separate addresses with commas.
+    #[arg(long, value_delimiter = ',')]
+    upstreams: Option<Vec<String>>,
+    /// With --container: the address its published ports are reached at.
+    #[arg(long, env = "HOST_IP", default_value = "127.0.0.1")]
+    host_ip: String,
+    /// The label prefix.
+    #[arg(long, env = "DOCKER_LABEL_PREFIX", default_value = "caddy")]
+    label_prefix: String,
 }
 
 #[derive(Args)]
@@ -126,6 +149,14 @@ struct ApplierArgs {
     /// The label prefix to translate.
     #[arg(long, env = "DOCKER_LABEL_PREFIX", default_value = "caddy")]
     label_prefix: String,
+    /// The agent whose containers share a Docker network with Caddy (the
+    /// publisher on Caddy's own host); they are reached at their IP on
+    /// --ingress-network instead of a published port.
+    #[arg(long, env = "LOCAL_AGENT_ID", requires = "ingress_network")]
+    local_agent_id: Option<String>,
+    /// The Docker network Caddy shares with the local agent's containers.
+    #[arg(long, env = "CADDY_INGRESS_NETWORK", requires = "local_agent_id")]
+    ingress_network: Option<String>,
 }
 
 fn hostname() -> String {
@@ -156,14 +187,48 @@ async fn shutdown_signal() {
     tracing::info!("Shutdown requested.");
 }
 
+async fn labels(args: LabelsArgs) -> anyhow::Result<()> {
+    let caddyfile = match &args.container {
+        Some(container) => {
+            caddy_fleet::container_caddyfile(
+                container,
+                &args.label_prefix,
+                &args.host_ip,
+                args.upstreams,
+            )
+            .await?
+        }
+        None => {
+            let text = match &args.file {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read labels file {}", path.display()))?,
+                None => std::io::read_to_string(std::io::stdin())
+                    .context("cannot read labels from stdin")?,
+            };
+            caddy_fleet::labels_caddyfile(
+                &text,
+                &args.label_prefix,
+                args.upstreams.unwrap_or_default(),
+            )?
+        }
+    };
+    print!("{caddyfile}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::Labels(args) = cli.command {
+        // No logging: stdout is the Caddyfile, stderr the error, if any.
+        return labels(args).await;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Publisher(args) => {
             let agent = match &args.agent_id {
                 Some(id) => AgentId::new(id.clone())?,
@@ -188,6 +253,12 @@ async fn main() -> anyhow::Result<()> {
                 })?);
             }
             config.translate.label_prefix = args.label_prefix;
+            if let (Some(agent), Some(network)) = (args.local_agent_id, args.ingress_network) {
+                config.translate.local = Some(LocalNetwork {
+                    agent: AgentId::new(agent).context("invalid LOCAL_AGENT_ID")?,
+                    network,
+                });
+            }
             caddy_fleet::run_applier(
                 &nats,
                 &StreamSettings::default(),
@@ -198,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
         }
+        Command::Labels(_) => {}
     }
     Ok(())
 }

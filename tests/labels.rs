@@ -1,0 +1,232 @@
+//! Label translation through the whole system: the `caddy-fleet labels`
+//! command against caddy-docker-proxy's golden files, one domain served
+//! from two agents, and a broken container next to a good one.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+fn golden_files() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/testdata/cdp/labels");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 14, "golden files missing: {files:?}");
+    files
+}
+
+#[test]
+fn labels_command_reproduces_every_golden_file() {
+    for path in golden_files() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expected = text.split_once("----------").unwrap().1.trim();
+        let out = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+            .args(["labels", "--upstreams", "target"])
+            .arg(&path)
+            .env_remove("DOCKER_LABEL_PREFIX")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        if expected.is_empty() {
+            assert!(
+                !out.status.success(),
+                "{}: expected failure, got {stdout}",
+                path.display()
+            );
+            assert!(
+                stderr.contains("label caddy.key"),
+                "{}: error must name the label: {stderr}",
+                path.display()
+            );
+            assert!(stdout.is_empty());
+        } else {
+            assert!(out.status.success(), "{}: {stderr}", path.display());
+            assert_eq!(stdout.trim_end(), expected, "{}", path.display());
+        }
+    }
+}
+
+#[test]
+fn labels_command_reads_stdin_and_resolves_upstreams() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+        .args(["labels", "--upstreams", "10.0.0.2,10.0.0.1"])
+        .env_remove("DOCKER_LABEL_PREFIX")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"caddy = a.test\ncaddy.reverse_proxy = {{upstreams https 443}}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "a.test {\n\treverse_proxy https://10.0.0.1:443 https://10.0.0.2:443\n}\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_command_translates_a_live_container() {
+    let id = unique();
+    let backend = start_backend(&web_labels(&format!("{id}.live.test"), &id), "live").await;
+    let port = backend.get_host_port_ipv4(80).await.unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+        .args([
+            "labels",
+            "--host-ip",
+            "127.0.0.9",
+            "--container",
+            backend.id(),
+        ])
+        .env_remove("DOCKER_LABEL_PREFIX")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("http://{id}.live.test {{\n\treverse_proxy 127.0.0.9:{port}\n}}\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_domain_on_two_agents_is_load_balanced_and_survives_losing_one() {
+    let id = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let (applier, _) = start_applier(&nats, &caddy, "lb");
+    // Two simulated hosts: distinct agent IDs, filters and loopback addresses.
+    let (filter_a, filter_b) = (format!("{id}-a"), format!("{id}-b"));
+    let pub_a = start_publisher(&nats, &format!("a-{id}"), &filter_a, "127.0.0.2");
+    let pub_b = start_publisher(&nats, &format!("b-{id}"), &filter_b, "127.0.0.3");
+    let domain = format!("{id}.lb.test");
+    let (labels_a, labels_b) = (
+        web_labels(&domain, &filter_a),
+        web_labels(&domain, &filter_b),
+    );
+    let (backend_a, _backend_b) = tokio::join!(
+        start_backend(&labels_a, "from-a"),
+        start_backend(&labels_b, "from-b"),
+    );
+
+    wait_for(
+        "both agents' upstreams in one site",
+        Duration::from_secs(30),
+        || async {
+            let config = caddy.config().await?.to_string();
+            (config.contains("127.0.0.2:") && config.contains("127.0.0.3:")).then_some(())
+        },
+    )
+    .await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        if let Some((200, body)) = caddy.get(&domain).await {
+            seen.insert(body);
+        }
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["from-a", "from-b"]);
+
+    backend_a.stop().await.unwrap();
+    wait_for(
+        "agent a's upstream to leave",
+        Duration::from_secs(30),
+        || async {
+            let config = caddy.config().await?.to_string();
+            (!config.contains("127.0.0.2:") && config.contains("127.0.0.3:")).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(caddy.get(&domain).await, Some((200, "from-b".to_string())));
+    }
+    pub_a.stop().await;
+    pub_b.stop().await;
+    applier.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_container_is_reported_and_the_good_one_still_routed() {
+    let id = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let (applier, stats) = start_applier(&nats, &caddy, "broken");
+    let publisher = start_publisher(&nats, &format!("x-{id}"), &id, "127.0.0.1");
+    let good = format!("{id}.good.test");
+    let mut broken_labels = web_labels(&format!("{id}.broken.test"), &id);
+    broken_labels[1].1 = "{{upstreams 8080}}".into();
+    let mut bad_template = web_labels(&format!("{id}.template.test"), &id);
+    bad_template.push(("caddy.respond", "{{nonsense}}".into()));
+    let good_labels = web_labels(&good, &id);
+    let (_good, broken, template) = tokio::join!(
+        start_backend(&good_labels, "good"),
+        start_backend(&broken_labels, "broken"),
+        start_backend(&bad_template, "template"),
+    );
+    wait_for(
+        "the good backend through Caddy",
+        Duration::from_secs(30),
+        || async {
+            caddy
+                .get(&good)
+                .await
+                .filter(|(s, b)| *s == 200 && b == "good")
+        },
+    )
+    .await;
+    let rejected = wait_for(
+        "both broken containers reported",
+        Duration::from_secs(10),
+        || async {
+            let rejected = stats.rejected();
+            (rejected.len() == 2).then_some(rejected)
+        },
+    )
+    .await;
+    let reason = |cid: &str| {
+        rejected
+            .iter()
+            .find(|r| r.container_id == cid)
+            .map(|r| r.error.to_string())
+            .unwrap_or_else(|| panic!("{cid} not reported: {rejected:?}"))
+    };
+    let broken_name = rejected
+        .iter()
+        .find(|r| r.container_id == broken.id())
+        .unwrap()
+        .container
+        .clone();
+    assert_eq!(
+        reason(broken.id()),
+        format!(
+            "label caddy.reverse_proxy: no published port for 8080/tcp on container {broken_name}"
+        )
+    );
+    assert_eq!(
+        reason(template.id()),
+        "label caddy.respond: function \"nonsense\" not defined"
+    );
+    assert_eq!(stats.snapshot().rejected_containers, 2);
+    let config = caddy.config().await.unwrap().to_string();
+    assert!(
+        !config.contains("broken.test") && !config.contains("template.test"),
+        "{config}"
+    );
+    publisher.stop().await;
+    applier.stop().await;
+}
