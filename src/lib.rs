@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use caddy_fleet_applier::{ApplierConfig, Stats};
+use caddy_fleet_applier::{ApplierConfig, ObjectStoreCheckpoints, StatusBoard};
 use caddy_fleet_nats::async_nats::jetstream;
 use caddy_fleet_nats::{
     ConsumerSettings, DurableSource, EventPublisher, NatsConfig, StreamSettings,
@@ -66,25 +66,52 @@ pub async fn run_publisher(
     Ok(())
 }
 
-/// Runs an applier fed by the stream's durable consumer `durable_name`
-/// until `shutdown` completes.
+/// Runs an applier fed by the stream's durable consumer (named after the
+/// applier) until `shutdown` completes.
+///
+/// Recovery: everything the consumer already delivered (to this applier's
+/// earlier run) is folded from the newest checkpoint plus an ordered
+/// replay, so redeliveries of it are recognised and nothing is folded out
+/// of order; the durable consumer carries on from there.
 pub async fn run_applier(
     nats: &NatsConfig,
     stream: &StreamSettings,
-    durable_name: &str,
     config: ApplierConfig,
-    stats: Arc<Stats>,
+    board: Arc<StatusBoard>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), FleetError> {
     let client = caddy_fleet_nats::connect(nats).await?;
     let js = jetstream::new(client);
     let stream = caddy_fleet_nats::ensure_stream(&js, stream).await?;
-    let state = caddy_fleet_applier::rebuild(&stream, &stats).await?;
-    let source = DurableSource::attach(&stream, &ConsumerSettings::new(durable_name)).await?;
-    tracing::info!(durable = durable_name, caddy = %config.caddy_admin_url, "Applier attached.");
-    caddy_fleet_applier::run(source, state, config, stats, shutdown).await?;
+    let checkpoints = ObjectStoreCheckpoints::open(&js, &config.name)
+        .await
+        .map_err(caddy_fleet_applier::ApplierError::from)?;
+    let mut settings = ConsumerSettings::new(&config.name);
+    settings.max_ack_pending = settings
+        .max_ack_pending
+        .max(2 * config.checkpoint_every as i64);
+    let source = DurableSource::attach(&stream, &settings).await?;
+    let position = source.position().await?;
+    let state = caddy_fleet_applier::recover(
+        &stream,
+        &checkpoints,
+        Some(position.delivered),
+        &board.stats,
+    )
+    .await?;
+    tracing::info!(applier = %config.name, caddy = %config.caddy_admin_url, resume_after = position.delivered, "Applier attached.");
+    caddy_fleet_applier::run(source, checkpoints, state, config, board, shutdown).await?;
     tracing::info!("Applier stopped.");
     Ok(())
+}
+
+/// Serves the applier's status endpoints on `listener` until `shutdown`.
+pub async fn serve_status(
+    listener: tokio::net::TcpListener,
+    board: Arc<StatusBoard>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    caddy_fleet_applier::status::serve(listener, board, shutdown).await
 }
 
 /// Why `caddy-fleet labels` could not print a Caddyfile.

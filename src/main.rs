@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use caddy_fleet::applier::{ApplierConfig, Stats};
+use caddy_fleet::applier::{ApplierConfig, StatusBoard};
 use caddy_fleet::nats::{NatsAuth, NatsConfig, NatsTls, StreamSettings};
 use caddy_fleet::publisher::{FilterLabel, PublisherConfig};
 use caddy_fleet::schema::translate::LocalNetwork;
@@ -157,6 +158,40 @@ struct ApplierArgs {
     /// The Docker network Caddy shares with the local agent's containers.
     #[arg(long, env = "CADDY_INGRESS_NETWORK", requires = "local_agent_id")]
     ingress_network: Option<String>,
+    /// Where /healthz, /readyz, /metrics and /status are served.
+    #[arg(long, env = "STATUS_LISTEN", default_value = "127.0.0.1:9180")]
+    status_listen: std::net::SocketAddr,
+    /// Remove an agent's routes after this long without hearing from it
+    /// (e.g. 90s, 5m). Off by default: its routes stay and /status marks it stale.
+    #[arg(long, env = "AGENT_TTL", value_parser = parse_duration)]
+    agent_ttl: Option<Duration>,
+    /// Push once no event arrived for this long (e.g. 200ms)…
+    #[arg(long, env = "COALESCE_QUIET", value_parser = parse_duration, default_value = "200ms")]
+    coalesce_quiet: Duration,
+    /// …but at most this long after the first event of a burst.
+    #[arg(long, env = "COALESCE_MAX_DELAY", value_parser = parse_duration, default_value = "2s")]
+    coalesce_max_delay: Duration,
+}
+
+/// Parses `500ms`, `2s`, `5m`, `1h`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ms, 30s, 5m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "" | "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        _ => Err(format!(
+            "{text:?} is not a duration: write e.g. 500ms, 30s, 5m or 1h"
+        )),
+    }
 }
 
 fn hostname() -> String {
@@ -246,7 +281,10 @@ async fn main() -> anyhow::Result<()> {
                 None => AgentId::sanitize(&hostname()),
             };
             let nats = args.nats.config(format!("caddy-fleet-applier-{name}"))?;
-            let mut config = ApplierConfig::new(args.caddy_api_url);
+            let mut config = ApplierConfig::new(name.as_str(), args.caddy_api_url);
+            config.agent_ttl = args.agent_ttl;
+            config.quiet_window = args.coalesce_quiet;
+            config.max_delay = args.coalesce_max_delay;
             if let Some(path) = &args.base_caddyfile {
                 config.base_caddyfile = Some(std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read CADDY_BASE_CADDYFILE {}", path.display())
@@ -259,15 +297,35 @@ async fn main() -> anyhow::Result<()> {
                     network,
                 });
             }
+            let listener = tokio::net::TcpListener::bind(args.status_listen)
+                .await
+                .with_context(|| {
+                    format!("cannot listen on STATUS_LISTEN {}", args.status_listen)
+                })?;
+            let board = Arc::new(StatusBoard::default());
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = stop.send(true);
+            });
+            let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = rx.wait_for(|stopped| *stopped).await;
+            };
+            let status = tokio::spawn(caddy_fleet::serve_status(
+                listener,
+                board.clone(),
+                until_stopped(stopped.clone()),
+            ));
+            tracing::info!(listen = %args.status_listen, "Status endpoints listening.");
             caddy_fleet::run_applier(
                 &nats,
                 &StreamSettings::default(),
-                name.as_str(),
                 config,
-                Arc::new(Stats::default()),
-                shutdown_signal(),
+                board,
+                until_stopped(stopped),
             )
             .await?;
+            status.await??;
         }
         Command::Labels(_) => {}
     }

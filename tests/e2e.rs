@@ -36,7 +36,7 @@ async fn labeled_backend_is_routed_then_unrouted_when_stopped() {
         "e2e: backend container started in {container_started:?}; first 200 through Caddy {:?} after start, {first_200:?} after `docker run`",
         first_200 - container_started
     );
-    assert!(stats.snapshot().pushes >= 1);
+    assert!(stats.stats.snapshot().pushes >= 1);
 
     backend.stop().await.expect("stop backend");
     // A stopped upstream already fails at the proxy; what matters is that
@@ -107,7 +107,7 @@ async fn garbage_and_unknown_versions_are_skipped_and_acked() {
     )
     .await;
 
-    let snapshot = stats.snapshot();
+    let snapshot = stats.stats.snapshot();
     assert_eq!(snapshot.decode_errors, 2, "{snapshot:?}");
     assert!(snapshot.events_folded >= 2, "{snapshot:?}");
     // Everything delivered was acked: nothing waits for redelivery.

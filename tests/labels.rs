@@ -193,7 +193,7 @@ async fn a_broken_container_is_reported_and_the_good_one_still_routed() {
         "both broken containers reported",
         Duration::from_secs(10),
         || async {
-            let rejected = stats.rejected();
+            let rejected = stats.stats.rejected();
             (rejected.len() == 2).then_some(rejected)
         },
     )
@@ -221,7 +221,7 @@ async fn a_broken_container_is_reported_and_the_good_one_still_routed() {
         reason(template.id()),
         "label caddy.respond: function \"nonsense\" not defined"
     );
-    assert_eq!(stats.snapshot().rejected_containers, 2);
+    assert_eq!(stats.stats.snapshot().rejected_containers, 2);
     let config = caddy.config().await.unwrap().to_string();
     assert!(
         !config.contains("broken.test") && !config.contains("template.test"),

@@ -113,7 +113,7 @@ async fn a_restarted_applier_recovers_its_routes_from_the_stream() {
         },
     )
     .await;
-    assert_eq!(stats.snapshot().decode_errors, 0);
+    assert_eq!(stats.stats.snapshot().decode_errors, 0);
     publisher.stop().await;
     applier.stop().await;
 }

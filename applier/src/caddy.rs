@@ -127,6 +127,21 @@ impl CaddyAdmin {
         self.json("config", response).await
     }
 
+    /// Whether the running config holds an object with `@id` `id`.
+    pub async fn has_id(&self, id: &str) -> Result<bool, CaddyError> {
+        match self
+            .send(
+                "reading config",
+                self.http.get(self.url(&format!("/id/{id}"))),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(CaddyError::Refused { status: 404, .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Replaces Caddy's whole config with `config`.
     pub async fn load(&self, config: &Value) -> Result<(), CaddyError> {
         let request = self

@@ -7,14 +7,23 @@
 //! - [`source`]: [`source::LogSource`], where messages come from (the durable
 //!   consumer, or an in-process channel).
 //! - [`telemetry`]: every log line that has a metric, emitted with it.
-//! - [`run`]: the consume → fold → coalesce → push loop, and [`rebuild`].
+//! - [`checkpoint`]: checkpoints of the fold in a NATS object store.
+//! - [`converge`]: pushing to Caddy, the sentinel, and isolating refused containers.
+//! - [`status`]: `/healthz`, `/readyz`, `/metrics`, `/status`.
+//! - [`run`]: the consume → fold → checkpoint → ack loop, with coalesced
+//!   convergence of Caddy; [`recover`]: checkpoint + the messages after it.
 
 pub mod caddy;
+pub mod checkpoint;
 pub mod config;
+pub mod converge;
 mod reconcile;
 pub mod source;
+pub mod status;
 pub mod telemetry;
 
+pub use checkpoint::{CheckpointStore, NoCheckpoints, ObjectStoreCheckpoints};
 pub use config::ApplierConfig;
-pub use reconcile::{rebuild, render, run, ApplierError};
+pub use reconcile::{recover, run, ApplierError};
+pub use status::StatusBoard;
 pub use telemetry::Stats;

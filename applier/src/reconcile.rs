@@ -1,20 +1,25 @@
-//! The applier's loop: consume → fold → coalesce → push.
+//! The applier's loop: consume → fold → checkpoint → ack, and, separately,
+//! coalesce → converge Caddy → watch that it stays converged.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use caddy_fleet_nats::async_nats::jetstream::stream::Stream as JsStream;
 use caddy_fleet_nats::consume::{replay, ConsumeError};
-use caddy_fleet_schema::caddyfile::{Caddyfile, ParseError};
-use caddy_fleet_schema::translate::{translate_state, TranslateOptions};
-use caddy_fleet_schema::{Event, RouteState};
-use serde_json::Value;
+use caddy_fleet_nats::Delivery;
+use caddy_fleet_schema::caddyfile::{Block, Caddyfile, ParseError};
+use caddy_fleet_schema::translate::{translate_units, ContainerUnit};
+use caddy_fleet_schema::{AgentId, Event, RouteState};
 use tokio::time::Instant;
 
-use crate::caddy::{CaddyAdmin, CaddyError};
+use crate::caddy::CaddyAdmin;
+use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::ApplierConfig;
+use crate::converge::{Converger, Outcome};
 use crate::source::LogSource;
+use crate::status::{AgentView, ContainerRef, RejectedView, RouteView, StatusBoard};
 use crate::telemetry::Stats;
 
 /// Why the applier stopped.
@@ -25,71 +30,86 @@ pub enum ApplierError {
     #[error("the base Caddyfile (CADDY_BASE_CADDYFILE) cannot be read: {0}")]
     BaseCaddyfile(#[from] ParseError),
     #[error(transparent)]
-    Rebuild(#[from] ConsumeError),
+    Replay(#[from] ConsumeError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
 }
 
-/// Folds every message the stream holds now into a fresh state: how an
-/// applier without a checkpoint recovers what its durable consumer already
-/// acknowledged. Read-only: it creates no durable consumer.
-pub async fn rebuild(stream: &JsStream, stats: &Stats) -> Result<RouteState, ApplierError> {
-    let mut state = RouteState::default();
-    let filter = format!("{}.>", caddy_fleet_schema::subject::SUBJECT_ROOT);
-    replay(stream, &filter, |delivery| {
-        fold(
-            &mut state,
-            stats,
-            delivery.seq,
-            &delivery.subject,
-            &delivery.payload,
-        )
-    })
-    .await?;
-    tracing::info!(
-        last_seq = state.last_seq,
-        containers = state.live_containers().count(),
-        "State rebuilt from the stream."
-    );
-    Ok(state)
-}
+const SUBJECTS: &str = "fleet.>";
 
-fn fold(state: &mut RouteState, stats: &Stats, seq: u64, subject: &str, payload: &[u8]) {
+fn fold(
+    state: &mut RouteState,
+    stats: &Stats,
+    seq: u64,
+    subject: &str,
+    payload: &[u8],
+) -> Option<AgentId> {
     match Event::decode(payload) {
         Ok(event) => {
             state.apply(seq, &event);
             stats.folded();
+            Some(event.agent().clone())
         }
         Err(error) => {
             state.skip(seq);
             stats.decode_failed(seq, subject, &error);
+            None
         }
     }
 }
 
-/// The Caddyfile for `state`: the user's base with every container's
-/// blocks merged in, and how many top-level blocks it has.
-pub fn render(
-    state: &RouteState,
-    base: Option<&Caddyfile>,
-    options: &TranslateOptions,
+/// Restores the state an applier had: the newest checkpoint, then every
+/// message after it up to `until` (the durable consumer's ack floor, or the
+/// stream's end), folded with a read-only ordered consumer. Without a
+/// checkpoint the whole stream is folded.
+pub async fn recover(
+    stream: &JsStream,
+    checkpoints: &impl CheckpointStore,
+    until: Option<u64>,
     stats: &Stats,
-) -> (String, usize) {
-    let translation = translate_state(state, base, options);
-    let blocks = translation.caddyfile.blocks.len();
-    stats.rendered(translation.rejected);
-    (translation.caddyfile.marshal(), blocks)
+) -> Result<RouteState, ApplierError> {
+    let started = std::time::Instant::now();
+    let mut state = match checkpoints.load().await {
+        Ok(Some(state)) => state,
+        Ok(None) => RouteState::default(),
+        Err(error) => {
+            tracing::warn!(%error, "Checkpoint unreadable; rebuilding from the stream.");
+            RouteState::default()
+        }
+    };
+    let from_checkpoint = state.last_seq;
+    let mut folded = 0u64;
+    if until.is_none_or(|until| until > state.last_seq) {
+        replay(stream, SUBJECTS, state.last_seq + 1, until, |d| {
+            folded += 1;
+            fold(&mut state, stats, d.seq, &d.subject, &d.payload);
+        })
+        .await?;
+    }
+    tracing::info!(
+        checkpoint_seq = from_checkpoint,
+        folded,
+        last_seq = state.last_seq,
+        containers = state.live_containers().count(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "State recovered."
+    );
+    Ok(state)
 }
 
 /// Runs the applier until `shutdown` completes (or the source ends).
 ///
-/// Every message is folded and then acked; Caddy is converged from the
-/// state separately, once a burst has settled, and only when the generated
-/// Caddyfile differs from the one Caddy last accepted. A failed push is
-/// retried with capped backoff while consumption goes on.
-pub async fn run<S: LogSource>(
+/// Messages are folded as they come and acknowledged only once a
+/// checkpoint holds them. Caddy is converged from the state separately:
+/// once a burst has settled, only when the config changed, and again
+/// whenever Caddy is found not to run it. Failed pushes are retried with
+/// capped backoff while consumption goes on.
+pub async fn run<S: LogSource, C: CheckpointStore>(
     mut source: S,
+    checkpoints: C,
     mut state: RouteState,
     config: ApplierConfig,
-    stats: Arc<Stats>,
+    board: Arc<StatusBoard>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApplierError> {
     tokio::pin!(shutdown);
@@ -103,30 +123,87 @@ pub async fn run<S: LogSource>(
         .as_deref()
         .map(Caddyfile::parse)
         .transpose()?;
-    let mut pushed: Option<String> = None;
-    // When to push next; `None` while Caddy is converged. The first push
-    // happens at once, so a restarted applier re-asserts its state.
+    let mut converger = Converger::new(caddy, base, &config.name);
+    let stats = &board.stats;
+
+    // Agents are given a full TTL from start before they can expire.
+    let mut heard: HashMap<AgentId, Instant> = state
+        .agents
+        .keys()
+        .map(|a| (a.clone(), Instant::now()))
+        .collect();
+    let mut expired: BTreeSet<AgentId> = BTreeSet::new();
+
+    let mut saved_seq = state.last_seq;
+    let mut unacked: Option<Delivery> = None;
+    let mut unsaved_since: Option<Instant> = None;
+    let mut unsaved = 0u64;
+
+    // The first push happens at once, so a restarted applier re-asserts its state.
     let mut push_at: Option<Instant> = Some(Instant::now());
     let mut burst_started: Option<Instant> = None;
     let mut retry = Duration::from_millis(250);
+    let mut health = tokio::time::interval(config.health_check_interval);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    board.update(|v| v.consumer_attached = true);
+
     loop {
-        let deadline = push_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let far = Instant::now() + Duration::from_secs(3600);
+        let push_deadline = push_at.unwrap_or(far);
+        let checkpoint_deadline = unsaved_since.map_or(far, |t| t + config.checkpoint_interval);
         tokio::select! {
-            // A message from the log: fold it, ack it, and (re)start the
-            // quiet window, bounded by the burst's maximum delay.
+            // A message from the log: fold it, hold its ack until a
+            // checkpoint covers it, and (re)start the quiet window, bounded
+            // by the burst's maximum delay.
             delivery = source.next() => {
-                let Some(delivery) = delivery else { return Ok(()) };
-                fold(&mut state, &stats, delivery.seq, &delivery.subject, &delivery.payload);
-                delivery.ack().await;
+                let Some(delivery) = delivery else { break };
+                if let Some(agent) = fold(&mut state, stats, delivery.seq, &delivery.subject, &delivery.payload) {
+                    heard.insert(agent, Instant::now());
+                }
+                if delivery.seq <= saved_seq {
+                    // A redelivery of what a checkpoint already holds.
+                    delivery.ack().await;
+                    continue;
+                }
+                unacked = Some(delivery);
+                unsaved += 1;
                 let now = Instant::now();
+                unsaved_since.get_or_insert(now);
                 let started = *burst_started.get_or_insert(now);
                 push_at = Some((now + config.quiet_window).min(started + config.max_delay));
+                if unsaved >= config.checkpoint_every {
+                    if checkpoint(&checkpoints, &state, stats).await {
+                        saved_seq = state.last_seq;
+                        unsaved = 0;
+                        unsaved_since = None;
+                        if let Some(d) = unacked.take() { d.ack().await; }
+                    } else {
+                        unsaved_since = Some(now);
+                    }
+                }
+            }
+            // Messages wait for a checkpoint: write one, then ack.
+            () = tokio::time::sleep_until(checkpoint_deadline), if unsaved_since.is_some() => {
+                if checkpoint(&checkpoints, &state, stats).await {
+                    saved_seq = state.last_seq;
+                    unsaved = 0;
+                    unsaved_since = None;
+                    if let Some(d) = unacked.take() { d.ack().await; }
+                } else {
+                    unsaved_since = Some(Instant::now());
+                }
             }
             // The burst settled (or a retry is due): converge Caddy.
-            () = tokio::time::sleep_until(deadline), if push_at.is_some() => {
+            () = tokio::time::sleep_until(push_deadline), if push_at.is_some() => {
                 burst_started = None;
-                match converge(&caddy, &state, base.as_ref(), &config, &stats, &mut pushed).await {
-                    Ok(()) => {
+                let (units, label_rejects) = translate_units(&state, &config.translate, &expired);
+                stats.rendered(label_rejects);
+                let started = std::time::Instant::now();
+                match converger.converge(&units).await {
+                    Ok(outcome) => {
+                        if let Outcome::Pushed { .. } = outcome {
+                            stats.pushed(started.elapsed(), units.len());
+                        }
                         push_at = None;
                         retry = Duration::from_millis(250);
                     }
@@ -136,40 +213,183 @@ pub async fn run<S: LogSource>(
                         retry = (retry * 2).min(Duration::from_secs(10));
                     }
                 }
+                publish_status(&board, &state, &units, &converger, &heard, &expired, &config, push_at.is_none());
             }
-            // Shutdown: stop between two messages; everything folded is acked.
-            () = &mut shutdown => return Ok(()),
+            // Periodically: is Caddy still running our config, did an
+            // agent go quiet or come back, how far behind are we.
+            _ = health.tick() => {
+                if push_at.is_none() {
+                    match converger.still_running().await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            stats.caddy_lost_config();
+                            converger.invalidate();
+                            push_at = Some(Instant::now());
+                        }
+                        Err(error) => {
+                            stats.push_failed(&error, retry);
+                            converger.invalidate();
+                            push_at = Some(Instant::now() + retry);
+                        }
+                    }
+                }
+                if let Some(ttl) = config.agent_ttl {
+                    let now = Instant::now();
+                    let mut now_expired = BTreeSet::new();
+                    for agent in state.agents.keys() {
+                        let last = *heard.entry(agent.clone()).or_insert(now);
+                        if now.duration_since(last) > ttl {
+                            now_expired.insert(agent.clone());
+                        }
+                    }
+                    for agent in now_expired.difference(&expired) {
+                        stats.agent_expired(agent.as_str(), now.duration_since(heard[agent]));
+                    }
+                    for agent in expired.difference(&now_expired) {
+                        stats.agent_back(agent.as_str());
+                    }
+                    if now_expired != expired {
+                        expired = now_expired;
+                        push_at = Some(Instant::now());
+                    }
+                }
+                let lag = source.lag().await;
+                board.update(|v| {
+                    v.consumer_lag = lag;
+                    v.last_seq = state.last_seq;
+                });
+            }
+            // Shutdown: checkpoint what was folded, ack it, stop.
+            () = &mut shutdown => break,
+        }
+    }
+    if unsaved > 0 && checkpoint(&checkpoints, &state, stats).await {
+        if let Some(d) = unacked.take() {
+            d.ack().await;
+        }
+    }
+    board.update(|v| v.consumer_attached = false);
+    Ok(())
+}
+
+async fn checkpoint(store: &impl CheckpointStore, state: &RouteState, stats: &Stats) -> bool {
+    let started = std::time::Instant::now();
+    match store.save(state).await {
+        Ok(()) => {
+            stats.checkpointed(state.last_seq, started.elapsed());
+            true
+        }
+        Err(error) => {
+            stats.checkpoint_failed(&error);
+            false
         }
     }
 }
 
-/// Pushes the config for `state` unless Caddy already runs it.
-async fn converge(
-    caddy: &CaddyAdmin,
+/// The `reverse_proxy` upstreams anywhere in a block.
+fn proxy_upstreams(block: &Block, out: &mut Vec<String>) {
+    if block.keys.first().map(String::as_str) == Some("reverse_proxy") {
+        let skip = match block.keys.get(1) {
+            Some(m) if m == "*" || m.starts_with('/') || m.starts_with('@') => 2,
+            _ => 1,
+        };
+        out.extend(block.keys.iter().skip(skip).cloned());
+    }
+    for child in &block.children {
+        proxy_upstreams(child, out);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish_status(
+    board: &StatusBoard,
     state: &RouteState,
-    base: Option<&Caddyfile>,
+    units: &[ContainerUnit],
+    converger: &Converger,
+    heard: &HashMap<AgentId, Instant>,
+    expired: &BTreeSet<AgentId>,
     config: &ApplierConfig,
-    stats: &Stats,
-    pushed: &mut Option<String>,
-) -> Result<(), CaddyError> {
-    let (caddyfile, sites) = render(state, base, &config.translate, stats);
-    if pushed.as_deref() == Some(caddyfile.as_str()) {
-        return Ok(());
-    }
-    let started = std::time::Instant::now();
-    let mut json = caddy.adapt(&caddyfile).await?;
-    if !json.is_object() {
-        json = Value::Object(Default::default());
-    }
-    // Keep Caddy's admin endpoint where it is: a config without `admin`
-    // would move it back to localhost inside Caddy's container.
-    if json.get("admin").is_none() {
-        if let Some(admin) = caddy.running_admin().await? {
-            json["admin"] = admin;
+    converged: bool,
+) {
+    let accepted = converger.accepted_ids();
+    let mut routes: BTreeMap<String, RouteView> = BTreeMap::new();
+    for unit in units
+        .iter()
+        .filter(|u| accepted.contains(u.container_id.as_str()))
+    {
+        for site in unit
+            .file
+            .blocks
+            .iter()
+            .filter(|b| !b.is_global() && !b.is_snippet())
+        {
+            let key = site.keys.join(" ");
+            let route = routes.entry(key.clone()).or_insert_with(|| RouteView {
+                site: key,
+                upstreams: Vec::new(),
+                containers: Vec::new(),
+            });
+            let mut upstreams = Vec::new();
+            proxy_upstreams(site, &mut upstreams);
+            for u in upstreams {
+                if !route.upstreams.contains(&u) {
+                    route.upstreams.push(u);
+                }
+            }
+            route.containers.push(ContainerRef {
+                agent: unit.agent.to_string(),
+                container: unit.container.clone(),
+                container_id: unit.container_id.clone(),
+            });
         }
     }
-    caddy.load(&json).await?;
-    stats.pushed(started.elapsed(), sites);
-    *pushed = Some(caddyfile);
-    Ok(())
+    let mut rejected: Vec<RejectedView> = board
+        .stats
+        .rejected()
+        .into_iter()
+        .map(|r| RejectedView {
+            container: ContainerRef {
+                agent: r.agent,
+                container: r.container,
+                container_id: r.container_id,
+            },
+            by: "labels",
+            reason: r.error.to_string(),
+        })
+        .collect();
+    rejected.extend(converger.refused().map(|r| RejectedView {
+        container: ContainerRef {
+            agent: r.agent.clone(),
+            container: r.container.clone(),
+            container_id: r.container_id.clone(),
+        },
+        by: "caddy",
+        reason: r.reason.clone(),
+    }));
+    let now = Instant::now();
+    let agents = state
+        .agents
+        .iter()
+        .map(|(agent, record)| {
+            let silent = heard
+                .get(agent)
+                .map_or(Duration::ZERO, |t| now.duration_since(*t));
+            AgentView {
+                agent: agent.to_string(),
+                host_address: record.host_address.clone(),
+                last_heartbeat_ms: record.last_heartbeat_ms,
+                silent_for_secs: silent.as_secs(),
+                stale: silent > config.agent_stale_after,
+                expired: expired.contains(agent),
+                containers: record.containers.values().filter(|c| c.listed).count(),
+            }
+        })
+        .collect();
+    board.update(|v| {
+        v.converged = converged;
+        v.last_seq = state.last_seq;
+        v.routes = routes.into_values().collect();
+        v.rejected = rejected;
+        v.agents = agents;
+    });
 }

@@ -9,11 +9,20 @@ pub trait LogSource {
     /// The next message, or `None` once the source is finished for good
     /// (a durable consumer never is).
     fn next(&mut self) -> impl Future<Output = Option<Delivery>> + Send;
+
+    /// How many messages wait to be read, if the source knows.
+    fn lag(&mut self) -> impl Future<Output = Option<u64>> + Send {
+        async { None }
+    }
 }
 
 impl LogSource for DurableSource {
     async fn next(&mut self) -> Option<Delivery> {
         Some(DurableSource::next(self).await)
+    }
+
+    async fn lag(&mut self) -> Option<u64> {
+        self.position().await.ok().map(|p| p.pending)
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Stats {
     pub rejected_containers: AtomicU64,
     /// Duration of the last successful push, in microseconds.
     pub last_push_micros: AtomicU64,
+    /// Checkpoints written.
+    pub checkpoints: AtomicU64,
     /// The containers left out at the last render, with their reasons.
     rejected: Mutex<Vec<Rejected>>,
 }
@@ -94,6 +96,31 @@ impl Stats {
             took_ms = took.as_millis() as u64,
             "Caddy config pushed."
         );
+    }
+
+    pub(crate) fn checkpointed(&self, seq: u64, took: Duration) {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            seq,
+            took_ms = took.as_millis() as u64,
+            "Checkpoint written."
+        );
+    }
+
+    pub(crate) fn checkpoint_failed(&self, error: &dyn std::fmt::Display) {
+        tracing::warn!(%error, "Checkpoint failed; messages stay unacked and will be retried.");
+    }
+
+    pub(crate) fn agent_expired(&self, agent: &str, silent: Duration) {
+        tracing::warn!(%agent, silent_secs = silent.as_secs(), "Agent silent longer than AGENT_TTL: its routes are removed until it is heard again.");
+    }
+
+    pub(crate) fn agent_back(&self, agent: &str) {
+        tracing::info!(%agent, "Agent heard again: its routes are restored.");
+    }
+
+    pub(crate) fn caddy_lost_config(&self) {
+        tracing::warn!("Caddy no longer runs the pushed config (restarted or changed by someone else); re-pushing.");
     }
 
     pub(crate) fn push_failed(&self, error: &dyn std::fmt::Display, retry_in: Duration) {

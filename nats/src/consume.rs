@@ -20,6 +20,10 @@ pub struct ConsumerSettings {
     pub ack_wait: Duration,
     /// Subjects to read (`fleet.>` for everything).
     pub filter_subject: String,
+    /// How many delivered messages may wait for an ack. The applier acks
+    /// only after a checkpoint, so this bounds the messages between two
+    /// checkpoints.
+    pub max_ack_pending: i64,
 }
 
 impl ConsumerSettings {
@@ -29,6 +33,7 @@ impl ConsumerSettings {
             durable_name: durable_name.into(),
             ack_wait: Duration::from_secs(30),
             filter_subject: format!("{}.>", caddy_fleet_schema::subject::SUBJECT_ROOT),
+            max_ack_pending: 50_000,
         }
     }
 }
@@ -70,8 +75,9 @@ impl Delivery {
         }
     }
 
-    /// Acknowledges the message, so the durable consumer never delivers it
-    /// again. A failed ack only means a redelivery, which the fold ignores.
+    /// Acknowledges this message and, as the consumer acks cumulatively,
+    /// every message delivered before it. A failed ack only means a
+    /// redelivery, which the fold ignores.
     pub async fn ack(mut self) {
         if let Some(message) = self.message.take() {
             if let Err(error) = message.double_ack().await {
@@ -97,6 +103,18 @@ fn delivery(message: jetstream::Message, keep: bool) -> Option<Delivery> {
     })
 }
 
+/// Where a durable consumer stands on the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerPosition {
+    /// Every message up to this stream sequence is acknowledged.
+    pub ack_floor: u64,
+    /// Every message up to this stream sequence was delivered to someone;
+    /// unacked ones come back only as redeliveries, after `ack_wait`.
+    pub delivered: u64,
+    /// Messages not yet delivered.
+    pub pending: u64,
+}
+
 /// A durable pull consumer that never ends on a transient error.
 ///
 /// [`DurableSource::next`] logs missed heartbeats, pull errors and ended
@@ -116,7 +134,10 @@ impl DurableSource {
     ) -> Result<Self, ConsumeError> {
         let config = pull::Config {
             durable_name: Some(settings.durable_name.clone()),
-            ack_policy: AckPolicy::Explicit,
+            // Cumulative: one ack after each checkpoint covers everything
+            // the checkpoint holds.
+            ack_policy: AckPolicy::All,
+            max_ack_pending: settings.max_ack_pending,
             ack_wait: settings.ack_wait,
             deliver_policy: DeliverPolicy::All,
             filter_subject: settings.filter_subject.clone(),
@@ -134,6 +155,20 @@ impl DurableSource {
             consumer,
             messages: None,
             backoff: Duration::from_millis(100),
+        })
+    }
+
+    /// Where the consumer stands on the stream.
+    pub async fn position(&self) -> Result<ConsumerPosition, ConsumeError> {
+        let info = self
+            .consumer
+            .get_info()
+            .await
+            .map_err(|e| ConsumeError::Replay(e.to_string()))?;
+        Ok(ConsumerPosition {
+            ack_floor: info.ack_floor.stream_sequence,
+            delivered: info.delivered.stream_sequence,
+            pending: info.num_pending,
         })
     }
 
@@ -189,25 +224,33 @@ impl DurableSource {
     }
 }
 
-/// Reads every message from the start of the stream up to the last sequence
-/// the stream holds now, in order, with an ephemeral ordered consumer that
-/// leaves no trace: no durable is created or moved.
+/// Reads the messages with sequences `from..=until` (`until` = the stream's
+/// last sequence now, when `None`), in order, with an ephemeral ordered
+/// consumer that leaves no trace: no durable is created or moved. Returns
+/// the last sequence read up to.
 pub async fn replay<F>(
     stream: &JsStream,
     filter_subject: &str,
+    from: u64,
+    until: Option<u64>,
     mut on_message: F,
 ) -> Result<u64, ConsumeError>
 where
     F: FnMut(Delivery),
 {
     let info = stream.get_info().await?;
-    let last = info.state.last_sequence;
-    if info.state.messages == 0 {
+    let last = until
+        .unwrap_or(info.state.last_sequence)
+        .min(info.state.last_sequence);
+    let from = from.max(info.state.first_sequence).max(1);
+    if info.state.messages == 0 || from > last {
         return Ok(last);
     }
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
             filter_subject: filter_subject.to_string(),
             ..Default::default()
         })
@@ -228,6 +271,9 @@ where
                     continue;
                 };
                 let seq = delivery.seq;
+                if seq > last {
+                    break;
+                }
                 on_message(delivery);
                 if caught_up || seq >= last {
                     break;

@@ -17,6 +17,6 @@ pub mod stream;
 
 pub use async_nats;
 pub use connect::{connect, ConnectError, NatsAuth, NatsConfig, NatsTls};
-pub use consume::{ConsumeError, ConsumerSettings, Delivery, DurableSource};
+pub use consume::{ConsumeError, ConsumerPosition, ConsumerSettings, Delivery, DurableSource};
 pub use publish::{EventPublisher, PublishError};
 pub use stream::{ensure_stream, StreamError, StreamSettings};

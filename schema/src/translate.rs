@@ -67,25 +67,44 @@ pub struct Translation {
     pub rejected: Vec<Rejected>,
 }
 
-/// Translates every routable container of `state` and merges the results
-/// after `base` (the user's Caddyfile), in the state's stable order.
-pub fn translate_state(
+/// One routable container's translated labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerUnit {
+    /// The agent running the container.
+    pub agent: AgentId,
+    /// The container's name.
+    pub container: String,
+    /// The container's ID.
+    pub container_id: String,
+    /// Its blocks, upstreams resolved.
+    pub file: Caddyfile,
+    /// `file` marshalled: identifies what this container contributes.
+    pub text: String,
+}
+
+/// Translates every routable container of `state` whose agent is not in
+/// `skip_agents`, in the state's stable order (agent, then container ID).
+pub fn translate_units(
     state: &RouteState,
-    base: Option<&Caddyfile>,
     options: &TranslateOptions,
-) -> Translation {
-    let mut translation = Translation {
-        caddyfile: base.cloned().unwrap_or_default(),
-        rejected: Vec::new(),
-    };
+    skip_agents: &BTreeSet<AgentId>,
+) -> (Vec<ContainerUnit>, Vec<Rejected>) {
+    let mut units = Vec::new();
+    let mut rejected = Vec::new();
     for record in state.live_containers() {
         let facts = &record.facts;
-        if !facts.is_routable() {
+        if !facts.is_routable() || skip_agents.contains(&facts.agent) {
             continue;
         }
         match translate_container(facts, options) {
-            Ok(file) => translation.caddyfile.merge(file),
-            Err(error) => translation.rejected.push(Rejected {
+            Ok(file) => units.push(ContainerUnit {
+                agent: facts.agent.clone(),
+                container: facts.name.clone(),
+                container_id: facts.id.clone(),
+                text: file.marshal(),
+                file,
+            }),
+            Err(error) => rejected.push(Rejected {
                 agent: facts.agent.to_string(),
                 container: facts.name.clone(),
                 container_id: facts.id.clone(),
@@ -93,7 +112,33 @@ pub fn translate_state(
             }),
         }
     }
-    translation
+    (units, rejected)
+}
+
+/// Merges `units` after `base`, as caddy-docker-proxy merges containers.
+pub fn assemble<'a>(
+    base: Option<&Caddyfile>,
+    units: impl IntoIterator<Item = &'a ContainerUnit>,
+) -> Caddyfile {
+    let mut file = base.cloned().unwrap_or_default();
+    for unit in units {
+        file.merge(unit.file.clone());
+    }
+    file
+}
+
+/// Translates every routable container of `state` and merges the results
+/// after `base` (the user's Caddyfile), in the state's stable order.
+pub fn translate_state(
+    state: &RouteState,
+    base: Option<&Caddyfile>,
+    options: &TranslateOptions,
+) -> Translation {
+    let (units, rejected) = translate_units(state, options, &BTreeSet::new());
+    Translation {
+        caddyfile: assemble(base, &units),
+        rejected,
+    }
 }
 
 /// One container's labels as a Caddyfile, upstreams resolved.

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use caddy_fleet::applier::{ApplierConfig, Stats};
+use caddy_fleet::applier::{ApplierConfig, StatusBoard};
 use caddy_fleet::nats::{NatsConfig, StreamSettings};
 use caddy_fleet::publisher::{FilterLabel, PublisherConfig};
 use caddy_fleet::schema::AgentId;
@@ -283,29 +283,40 @@ pub fn start_publisher(nats: &Nats, agent: &str, filter: &str, host_address: &st
     })
 }
 
-/// An applier with durable consumer `durable` converging `caddy`.
-pub fn start_applier(nats: &Nats, caddy: &Caddy, durable: &str) -> (Running, Arc<Stats>) {
+/// An applier named `name` (its durable consumer and checkpoint) converging `caddy`.
+pub fn start_applier(nats: &Nats, caddy: &Caddy, name: &str) -> (Running, Arc<StatusBoard>) {
+    start_applier_with(nats, caddy, name, |_| {})
+}
+
+/// Like [`start_applier`], with settings changed by `tune`.
+pub fn start_applier_with(
+    nats: &Nats,
+    caddy: &Caddy,
+    name: &str,
+    tune: impl FnOnce(&mut ApplierConfig),
+) -> (Running, Arc<StatusBoard>) {
     let nats = nats.config();
-    let mut config = ApplierConfig::new(caddy.admin_url());
+    let mut config = ApplierConfig::new(name, caddy.admin_url());
     config.base_caddyfile = Some(caddy.base_caddyfile());
     config.quiet_window = Duration::from_millis(100);
-    let stats = Arc::new(Stats::default());
-    let durable = durable.to_string();
-    let task_stats = stats.clone();
+    config.health_check_interval = Duration::from_millis(500);
+    config.checkpoint_interval = Duration::from_secs(1);
+    tune(&mut config);
+    let board = Arc::new(StatusBoard::default());
+    let task_board = board.clone();
     let running = Running::spawn(move |rx| async move {
         caddy_fleet::run_applier(
             &nats,
             &StreamSettings::default(),
-            &durable,
             config,
-            task_stats,
+            task_board,
             async {
                 let _ = rx.await;
             },
         )
         .await
     });
-    (running, stats)
+    (running, board)
 }
 
 /// The labels that route `http://<domain>` to the container's port 80,

@@ -1,0 +1,219 @@
+//! What the applier shows the world: `/healthz`, `/readyz`, `/metrics`
+//! (Prometheus text) and `/status` (JSON), served on `STATUS_LISTEN`.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::telemetry::Stats;
+
+/// The applier's state as `/status` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatusView {
+    /// The durable consumer is attached and reading.
+    pub consumer_attached: bool,
+    /// Caddy runs the config for the current state.
+    pub converged: bool,
+    /// The last stream sequence folded.
+    pub last_seq: u64,
+    /// Messages waiting in the consumer.
+    pub consumer_lag: Option<u64>,
+    /// Every agent the log knows.
+    pub agents: Vec<AgentView>,
+    /// Every site in the config Caddy runs.
+    pub routes: Vec<RouteView>,
+    /// Containers left out, with the reason.
+    pub rejected: Vec<RejectedView>,
+}
+
+/// One agent.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AgentView {
+    pub agent: String,
+    pub host_address: Option<String>,
+    /// The `sent_at_ms` of its latest heartbeat.
+    pub last_heartbeat_ms: Option<u64>,
+    /// Seconds since the applier last heard from it.
+    pub silent_for_secs: u64,
+    /// Unheard of for longer than `agent_stale_after`.
+    pub stale: bool,
+    /// Unheard of for longer than `agent_ttl`: its routes are removed.
+    pub expired: bool,
+    /// Its containers the log lists.
+    pub containers: usize,
+}
+
+/// One site.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RouteView {
+    /// The site's addresses.
+    pub site: String,
+    /// The upstreams of its `reverse_proxy` lines.
+    pub upstreams: Vec<String>,
+    /// The containers that declare it.
+    pub containers: Vec<ContainerRef>,
+}
+
+/// A container, as status names it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContainerRef {
+    pub agent: String,
+    pub container: String,
+    pub container_id: String,
+}
+
+/// A container left out of the config.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RejectedView {
+    #[serde(flatten)]
+    pub container: ContainerRef,
+    /// `labels` (translation failed) or `caddy` (Caddy refused its blocks).
+    pub by: &'static str,
+    pub reason: String,
+}
+
+/// The shared status: written by the applier loop, read by the server.
+#[derive(Debug, Default)]
+pub struct StatusBoard {
+    view: Mutex<StatusView>,
+    pub stats: Stats,
+}
+
+impl StatusBoard {
+    /// A copy of the current view.
+    pub fn view(&self) -> StatusView {
+        self.view.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Changes the view.
+    pub fn update(&self, change: impl FnOnce(&mut StatusView)) {
+        if let Ok(mut view) = self.view.lock() {
+            change(&mut view);
+        }
+    }
+
+    /// Prometheus text exposition of the counters.
+    pub fn metrics(&self) -> String {
+        let view = self.view();
+        let s = &self.stats;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        };
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
+        metric(
+            "caddy_fleet_events_folded_total",
+            "counter",
+            "Messages folded into the route state.",
+            load(&s.events_folded),
+        );
+        metric(
+            "caddy_fleet_decode_errors_total",
+            "counter",
+            "Messages skipped because they could not be decoded.",
+            load(&s.decode_errors),
+        );
+        metric(
+            "caddy_fleet_pushes_total",
+            "counter",
+            "Configs Caddy accepted.",
+            load(&s.pushes),
+        );
+        metric(
+            "caddy_fleet_push_failures_total",
+            "counter",
+            "Pushes that failed (Caddy down or refusing).",
+            load(&s.push_failures),
+        );
+        metric(
+            "caddy_fleet_checkpoints_total",
+            "counter",
+            "Checkpoints written.",
+            load(&s.checkpoints),
+        );
+        metric(
+            "caddy_fleet_rejected_containers",
+            "gauge",
+            "Containers left out of the config.",
+            view.rejected.len().to_string(),
+        );
+        metric(
+            "caddy_fleet_consumer_lag",
+            "gauge",
+            "Messages waiting in the durable consumer.",
+            view.consumer_lag.unwrap_or(0).to_string(),
+        );
+        metric(
+            "caddy_fleet_last_seq",
+            "gauge",
+            "Stream sequence of the last message folded.",
+            view.last_seq.to_string(),
+        );
+        let micros = s.last_push_micros.load(Ordering::Relaxed) as f64;
+        metric(
+            "caddy_fleet_last_push_duration_seconds",
+            "gauge",
+            "Duration of the last accepted push.",
+            format!("{}", micros / 1e6),
+        );
+        metric(
+            "caddy_fleet_converged",
+            "gauge",
+            "1 when Caddy runs the config for the current state.",
+            u8::from(view.converged).to_string(),
+        );
+        out
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(board): State<Arc<StatusBoard>>) -> impl IntoResponse {
+    let view = board.view();
+    if view.consumer_attached && view.converged {
+        (StatusCode::OK, "ready\n")
+    } else if !view.consumer_attached {
+        (StatusCode::SERVICE_UNAVAILABLE, "consumer not attached\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "Caddy not converged\n")
+    }
+}
+
+async fn metrics(State(board): State<Arc<StatusBoard>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        board.metrics(),
+    )
+}
+
+async fn status(State(board): State<Arc<StatusBoard>>) -> Json<StatusView> {
+    Json(board.view())
+}
+
+/// Serves the status endpoints on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    board: Arc<StatusBoard>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(board);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
