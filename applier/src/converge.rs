@@ -110,7 +110,7 @@ impl Converger {
         match self.try_push(&text).await {
             Ok(sentinel) => {
                 self.accept(&candidates, text, sentinel);
-                return Ok(Outcome::Pushed { probes: 0 });
+                Ok(Outcome::Pushed { probes: 0 })
             }
             Err(CaddyError::Refused { message, .. }) => {
                 tracing::warn!(reason = %message, "Caddy refused the config; isolating the containers that cause it.");
