@@ -167,6 +167,10 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 }
                 unacked = Some(delivery);
                 unsaved += 1;
+                if push_at.is_none() {
+                    // Caddy is about to lag behind the state.
+                    board.update(|v| v.converged = false);
+                }
                 let now = Instant::now();
                 unsaved_since.get_or_insert(now);
                 let started = *burst_started.get_or_insert(now);

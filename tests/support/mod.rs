@@ -328,3 +328,104 @@ pub fn web_labels(domain: &str, filter: &str) -> Vec<(&'static str, String)> {
         ("caddy-fleet-test", filter.to_string()),
     ]
 }
+
+/// Caddy's routes as `host → sorted upstream dials`, from its running config.
+pub async fn caddy_routes(
+    caddy: &Caddy,
+) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
+    fn dials(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("dial", serde_json::Value::String(d)) => out.push(d.clone()),
+                        _ => dials(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| dials(v, out)),
+            _ => {}
+        }
+    }
+    let config = caddy.config().await?;
+    let mut routes = std::collections::BTreeMap::new();
+    let servers = config
+        .pointer("/apps/http/servers")
+        .and_then(|s| s.as_object());
+    for server in servers.into_iter().flat_map(|s| s.values()) {
+        for route in server
+            .get("routes")
+            .and_then(|r| r.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let hosts: Vec<String> = route
+                .pointer("/match/0/host")
+                .and_then(|h| h.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|h| h.as_str().map(str::to_string))
+                .collect();
+            let mut upstreams = Vec::new();
+            dials(
+                route.get("handle").unwrap_or(&serde_json::Value::Null),
+                &mut upstreams,
+            );
+            upstreams.sort();
+            for host in hosts {
+                routes.insert(host, upstreams.clone());
+            }
+        }
+    }
+    Some(routes)
+}
+
+/// The routes an applier should produce for `state`: `host → sorted
+/// upstreams`, for sites written as `http://<host>`.
+pub fn expected_routes(
+    state: &caddy_fleet::schema::RouteState,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    use caddy_fleet::schema::translate::{translate_state, TranslateOptions};
+    let translation = translate_state(state, None, &TranslateOptions::default());
+    let mut routes = std::collections::BTreeMap::new();
+    for site in &translation.caddyfile.blocks {
+        let mut upstreams: Vec<String> = site
+            .children
+            .iter()
+            .filter(|c| c.keys.first().map(String::as_str) == Some("reverse_proxy"))
+            .flat_map(|c| c.keys.iter().skip(1).cloned())
+            .collect();
+        upstreams.sort();
+        for address in &site.keys {
+            routes.insert(
+                address.trim_start_matches("http://").to_string(),
+                upstreams.clone(),
+            );
+        }
+    }
+    routes
+}
+
+/// Serves an applier's status endpoints on a free loopback port.
+pub fn serve_status(
+    board: Arc<caddy_fleet::applier::StatusBoard>,
+) -> (String, oneshot::Sender<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind status port");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let _ = caddy_fleet::serve_status(listener, board, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    (url, tx)
+}
+
+/// GET `url`, JSON body.
+pub async fn get_json(url: &str) -> Option<serde_json::Value> {
+    let client = reqwest::Client::builder().no_proxy().build().ok()?;
+    client.get(url).send().await.ok()?.json().await.ok()
+}

@@ -1,0 +1,526 @@
+//! The applier against real NATS, real Caddy and real backends: crashes in
+//! the middle of a stream, Caddy restarts and outages, bursts, and a
+//! container Caddy refuses.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use caddy_fleet::nats::async_nats::jetstream;
+use caddy_fleet::nats::{ensure_stream, EventPublisher, StreamSettings};
+use caddy_fleet::schema::{
+    AgentId, AgentSync, ContainerDown, ContainerFacts, ContainerState, Event, Health, Heartbeat,
+    PortBinding, RouteState,
+};
+use support::*;
+
+/// A deterministic stream of container events over `containers` synthetic
+/// containers on two agents, all pointing at real backends' ports.
+struct EventScript {
+    seed: u64,
+    ports: Vec<u16>,
+    containers: usize,
+    tag: String,
+}
+
+impl EventScript {
+    fn next_random(&mut self) -> u64 {
+        self.seed = self
+            .seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.seed >> 33
+    }
+
+    fn agent(i: usize) -> AgentId {
+        AgentId::new(format!("agent{}", i % 2)).unwrap()
+    }
+
+    fn event(&mut self) -> Event {
+        let roll = self.next_random() % 100;
+        let c = (self.next_random() as usize) % self.containers;
+        let agent = Self::agent(c);
+        match roll {
+            0..=59 => {
+                let pick = self.next_random() as usize;
+                let port = self.ports[pick % self.ports.len()];
+                let running = self.next_random() % 5 != 0;
+                Event::Up(ContainerFacts {
+                    agent,
+                    id: format!("c{c}"),
+                    name: format!("ctr{c}"),
+                    host_address: "127.0.0.1".into(),
+                    labels: BTreeMap::from([
+                        (
+                            "caddy".to_string(),
+                            format!("http://d{c}.{}.test", self.tag),
+                        ),
+                        (
+                            "caddy.reverse_proxy".to_string(),
+                            "{{upstreams 80}}".to_string(),
+                        ),
+                    ]),
+                    ports: vec![PortBinding {
+                        container_port: 80,
+                        protocol: "tcp".into(),
+                        host_ip: "0.0.0.0".into(),
+                        host_port: port,
+                    }],
+                    networks: BTreeMap::new(),
+                    state: if running {
+                        ContainerState::Running
+                    } else {
+                        ContainerState::Exited
+                    },
+                    health: Health::None,
+                    observed_at_ms: 0,
+                })
+            }
+            60..=74 => Event::Down(ContainerDown {
+                agent,
+                id: format!("c{c}"),
+                observed_at_ms: 0,
+            }),
+            75..=84 => {
+                let listed = (0..self.containers)
+                    .filter(|i| Self::agent(*i) == agent && self.next_random() % 4 != 0)
+                    .map(|i| format!("c{i}"))
+                    .collect();
+                Event::Sync(AgentSync {
+                    agent,
+                    host_address: "127.0.0.1".into(),
+                    containers: listed,
+                    observed_at_ms: 0,
+                })
+            }
+            _ => Event::Heartbeat(Heartbeat {
+                agent,
+                sent_at_ms: self.next_random(),
+            }),
+        }
+    }
+}
+
+async fn publish_all(
+    js: &jetstream::Context,
+    events: &[Event],
+    reference: &mut RouteState,
+    nonce: &str,
+) {
+    let mut publishers: BTreeMap<AgentId, EventPublisher> = BTreeMap::new();
+    for event in events {
+        let publisher = publishers
+            .entry(event.agent().clone())
+            .or_insert_with(|| EventPublisher::new(js.clone(), event.agent().clone(), nonce));
+        let stored = publisher.publish(event).await.expect("publish");
+        reference.apply(stored.sequence, event);
+    }
+}
+
+async fn wait_for_routes(
+    caddy: &Caddy,
+    expected: &BTreeMap<String, Vec<String>>,
+    timeout: Duration,
+) {
+    let mut last = None;
+    let result = tokio::time::timeout(timeout, async {
+        loop {
+            let routes = caddy_routes(caddy).await;
+            if routes.as_ref() == Some(expected) {
+                return;
+            }
+            last = routes;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    if result.is_err() {
+        panic!("Caddy's routes never matched the expected routes.\nexpected: {expected:?}\nlast seen: {last:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_applier_mid_stream_loses_nothing_with_frequent_checkpoints() {
+    // Small checkpoints, so the kills land before, between and after them.
+    kill_mid_stream(|c| {
+        c.checkpoint_every = 70;
+        c.checkpoint_interval = Duration::from_millis(700);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_applier_mid_stream_loses_nothing_without_checkpoints() {
+    // No checkpoint is ever written: every restart recovers by replaying
+    // the stream up to what the durable consumer already delivered.
+    kill_mid_stream(|c| {
+        c.checkpoint_every = 1_000_000;
+        c.checkpoint_interval = Duration::from_secs(3600);
+    })
+    .await;
+}
+
+async fn kill_mid_stream(tune: fn(&mut caddy_fleet::applier::ApplierConfig)) {
+    let tag = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let (b1, b2, b3) = tokio::join!(
+        start_backend(&[], "one"),
+        start_backend(&[], "two"),
+        start_backend(&[], "three")
+    );
+    let mut ports = Vec::new();
+    for b in [&b1, &b2, &b3] {
+        ports.push(b.get_host_port_ipv4(80).await.unwrap());
+    }
+    let js = jetstream::new(nats.client().await);
+    ensure_stream(&js, &StreamSettings::default())
+        .await
+        .unwrap();
+    let mut script = EventScript {
+        seed: 7,
+        ports,
+        containers: 60,
+        tag: tag.clone(),
+    };
+    let events: Vec<Event> = (0..600).map(|_| script.event()).collect();
+    let mut reference = RouteState::default();
+
+    let mut applier = Some(start_applier_with(&nats, &caddy, "crashy", tune).0);
+    for (round, chunk) in events.chunks(150).enumerate() {
+        publish_all(&js, chunk, &mut reference, &format!("run{round}")).await;
+        // Let it work a varying while, then kill it: no graceful path.
+        tokio::time::sleep(Duration::from_millis(150 + 400 * round as u64)).await;
+        drop(applier.take());
+        applier = Some(start_applier_with(&nats, &caddy, "crashy", tune).0);
+    }
+    // A last burst of containers never seen before, killed right away:
+    // folded but not yet checkpointed, so only recovery can save them.
+    script.containers = 100;
+    let fresh: Vec<Event> = (60..100)
+        .map(|c| loop {
+            if let Event::Up(mut facts) = script.event() {
+                facts.id = format!("c{c}");
+                facts.name = format!("ctr{c}");
+                facts.state = ContainerState::Running;
+                facts
+                    .labels
+                    .insert("caddy".into(), format!("http://d{c}.{tag}.test"));
+                break Event::Up(facts);
+            }
+        })
+        .collect();
+    publish_all(&js, &fresh, &mut reference, "fresh").await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    drop(applier.take());
+    applier = Some(start_applier_with(&nats, &caddy, "crashy", tune).0);
+    let expected = expected_routes(&reference);
+    assert!((60..100).all(|c| expected.contains_key(&format!("d{c}.{tag}.test"))));
+    assert!(
+        expected.len() > 10,
+        "the script should leave routes: {expected:?}"
+    );
+    wait_for_routes(&caddy, &expected, Duration::from_secs(30)).await;
+    // And a route really serves.
+    let (host, upstreams) = expected.iter().next().unwrap();
+    let answer = caddy.get(host).await;
+    assert!(
+        matches!(&answer, Some((200, body)) if ["one", "two", "three"].contains(&body.as_str())),
+        "{host} {upstreams:?}: {answer:?}"
+    );
+    drop(applier);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_caddy_gets_its_routes_back_within_seconds() {
+    let id = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let (applier, board) = start_applier(&nats, &caddy, "heal");
+    let publisher = start_publisher(&nats, &format!("h-{id}"), &id, "127.0.0.1");
+    let domain = format!("{id}.heal.test");
+    let _backend = start_backend(&web_labels(&domain, &id), "healed").await;
+    wait_for("the route", Duration::from_secs(30), || async {
+        caddy
+            .get(&domain)
+            .await
+            .filter(|(s, b)| *s == 200 && b == "healed")
+    })
+    .await;
+    let pushes_before = board.stats.snapshot().pushes;
+
+    caddy.container.stop().await.unwrap();
+    caddy.container.start().await.unwrap();
+    let restarted = Instant::now();
+    wait_for(
+        "the route after Caddy restarted",
+        Duration::from_secs(5),
+        || async {
+            caddy
+                .get(&domain)
+                .await
+                .filter(|(s, b)| *s == 200 && b == "healed")
+        },
+    )
+    .await;
+    println!(
+        "caddy restart: route served again {:?} after Caddy came back",
+        restarted.elapsed()
+    );
+    assert!(board.stats.snapshot().pushes > pushes_before);
+    publisher.stop().await;
+    applier.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_down_during_a_burst_converges_when_it_returns() {
+    let tag = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let backend = start_backend(&[], "burst").await;
+    let port = backend.get_host_port_ipv4(80).await.unwrap();
+    let js = jetstream::new(nats.client().await);
+    ensure_stream(&js, &StreamSettings::default())
+        .await
+        .unwrap();
+    let (applier, board) = start_applier(&nats, &caddy, "outage");
+    let mut script = EventScript {
+        seed: 11,
+        ports: vec![port],
+        containers: 40,
+        tag,
+    };
+    let mut reference = RouteState::default();
+
+    let first: Vec<Event> = (0..50).map(|_| script.event()).collect();
+    publish_all(&js, &first, &mut reference, "a").await;
+    caddy.container.stop().await.unwrap();
+    let burst: Vec<Event> = (0..200).map(|_| script.event()).collect();
+    publish_all(&js, &burst, &mut reference, "b").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    caddy.container.start().await.unwrap();
+    wait_for_routes(
+        &caddy,
+        &expected_routes(&reference),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        board.stats.snapshot().push_failures > 0,
+        "the outage should have been noticed"
+    );
+    applier.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_caddy_refuses_is_isolated_and_shown_in_status() {
+    let id = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let (applier, board) = start_applier(&nats, &caddy, "refuse");
+    let (status_url, stop_status) = serve_status(board.clone());
+    let publisher = start_publisher(&nats, &format!("r-{id}"), &id, "127.0.0.1");
+    let (good1, good2) = (format!("{id}.g1.test"), format!("{id}.g2.test"));
+    let mut bad_labels = web_labels(&format!("{id}.bad.test"), &id);
+    bad_labels.push(("caddy.bogus_directive", "on".into()));
+    let (l1, l2) = (web_labels(&good1, &id), web_labels(&good2, &id));
+    let (_g1, _g2, bad) = tokio::join!(
+        start_backend(&l1, "good1"),
+        start_backend(&l2, "good2"),
+        start_backend(&bad_labels, "bad"),
+    );
+    for (domain, body) in [(&good1, "good1"), (&good2, "good2")] {
+        wait_for("a good backend", Duration::from_secs(30), || async {
+            caddy
+                .get(domain)
+                .await
+                .filter(|(s, b)| *s == 200 && b == body)
+        })
+        .await;
+    }
+    let status = wait_for(
+        "the refused container in /status",
+        Duration::from_secs(10),
+        || async {
+            let status = get_json(&format!("{status_url}/status")).await?;
+            let refused = status["rejected"]
+                .as_array()?
+                .iter()
+                .find(|r| r["container_id"] == bad.id())?
+                .clone();
+            Some((status, refused))
+        },
+    )
+    .await;
+    let (status, refused) = status;
+    assert_eq!(refused["by"], "caddy", "{refused}");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bogus_directive"),
+        "{refused}"
+    );
+    let sites: Vec<&str> = status["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["site"].as_str())
+        .collect();
+    assert!(
+        sites.contains(&format!("http://{good1}").as_str())
+            && !sites.iter().any(|s| s.contains("bad.test")),
+        "{sites:?}"
+    );
+    let metrics = reqwest::get(format!("{status_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("caddy_fleet_rejected_containers 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        reqwest::get(format!("{status_url}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let _ = stop_status.send(());
+    publisher.stop().await;
+    applier.stop().await;
+}
+
+/// Removes every container labeled `caddy-fleet-burst=<id>` when dropped,
+/// also when the test fails.
+struct BurstCleanup(String);
+
+impl Drop for BurstCleanup {
+    fn drop(&mut self) {
+        let ids = std::process::Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=caddy-fleet-burst={}", self.0),
+            ])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for chunk in ids.chunks(50) {
+            let _ = std::process::Command::new("docker")
+                .arg("rm")
+                .arg("-f")
+                .args(chunk)
+                .output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_300_containers_is_few_pushes_and_all_routes_served() {
+    use futures::StreamExt;
+    use testcontainers::bollard::models::{
+        ContainerCreateBody, HostConfig, PortBinding as DockerPortBinding,
+    };
+
+    const COUNT: usize = 300;
+    let id = unique();
+    let _cleanup = BurstCleanup(id.clone());
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    // Docker 20.10 here starts about 3-5 containers a second, so "300 at
+    // once" is a burst of well over a minute with events every fraction of
+    // a second: only the maximum delay bounds the pushes.
+    let (applier, board) = start_applier_with(&nats, &caddy, "burst", |c| {
+        c.quiet_window = Duration::from_secs(2);
+        c.max_delay = Duration::from_secs(40);
+    });
+    let publisher = start_publisher(&nats, &format!("burst-{id}"), &id, "127.0.0.1");
+    let docker = testcontainers::bollard::Docker::connect_with_local_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    for i in 0..COUNT {
+        let body = ContainerCreateBody {
+            image: Some(format!("{}:{}", WHOAMI_IMAGE.0, WHOAMI_IMAGE.1)),
+            cmd: Some(vec![format!("burst-{i}")]),
+            exposed_ports: Some(vec!["80/tcp".to_string()]),
+            labels: Some(
+                [
+                    ("caddy".to_string(), format!("http://b{i}.{id}.test")),
+                    (
+                        "caddy.reverse_proxy".to_string(),
+                        "{{upstreams 80}}".to_string(),
+                    ),
+                    ("caddy-fleet-test".to_string(), id.clone()),
+                    ("caddy-fleet-burst".to_string(), id.clone()),
+                ]
+                .into(),
+            ),
+            host_config: Some(HostConfig {
+                port_bindings: Some(
+                    [(
+                        "80/tcp".to_string(),
+                        Some(vec![DockerPortBinding {
+                            host_ip: Some("127.0.0.1".into()),
+                            host_port: Some(String::new()),
+                        }]),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = docker
+            .create_container(None, body)
+            .await
+            .expect("create burst container");
+        names.push(created.id);
+    }
+    // Wait for the applier's first (empty) push to settle, then count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pushes_before = board.stats.snapshot().pushes;
+    let started = Instant::now();
+    futures::stream::iter(names.iter())
+        .map(|name| docker.start_container(name, None))
+        .buffer_unordered(16)
+        .for_each(|r| async { r.expect("start burst container") })
+        .await;
+    let all_started = started.elapsed();
+    let routes = wait_for(
+        "all 300 routes in Caddy",
+        Duration::from_secs(90),
+        || async {
+            let routes = caddy_routes(&caddy).await?;
+            (routes
+                .keys()
+                .filter(|h| h.ends_with(&format!(".{id}.test")))
+                .count()
+                == COUNT)
+                .then_some(routes)
+        },
+    )
+    .await;
+    let all_routed = started.elapsed();
+    for i in 0..COUNT {
+        let host = format!("b{i}.{id}.test");
+        assert_eq!(routes[&host].len(), 1, "{host}");
+        let answer = caddy.get(&host).await;
+        assert_eq!(answer, Some((200, format!("burst-{i}"))), "{host}");
+    }
+    // Let any last push go out before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pushes = board.stats.snapshot().pushes - pushes_before;
+    println!("burst: {COUNT} containers started in {all_started:?}, all routed after {all_routed:?}, {pushes} pushes");
+    assert!(pushes <= 5, "{pushes} pushes for one burst");
+    publisher.stop().await;
+    applier.stop().await;
+}
