@@ -45,7 +45,7 @@ impl EventScript {
             0..=59 => {
                 let pick = self.next_random() as usize;
                 let port = self.ports[pick % self.ports.len()];
-                let running = self.next_random() % 5 != 0;
+                let running = !self.next_random().is_multiple_of(5);
                 Event::Up(ContainerFacts {
                     agent,
                     id: format!("c{c}"),
@@ -84,7 +84,7 @@ impl EventScript {
             }),
             75..=84 => {
                 let listed = (0..self.containers)
-                    .filter(|i| Self::agent(*i) == agent && self.next_random() % 4 != 0)
+                    .filter(|i| Self::agent(*i) == agent && !self.next_random().is_multiple_of(4))
                     .map(|i| format!("c{i}"))
                     .collect();
                 Event::Sync(AgentSync {
