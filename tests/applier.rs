@@ -524,3 +524,51 @@ async fn a_burst_of_300_containers_is_few_pushes_and_all_routes_served() {
     publisher.stop().await;
     applier.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_loses_its_routes_after_the_ttl_and_regains_them() {
+    let tag = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let backend = start_backend(&[], "ttl").await;
+    let port = backend.get_host_port_ipv4(80).await.unwrap();
+    let js = jetstream::new(nats.client().await);
+    ensure_stream(&js, &StreamSettings::default()).await.unwrap();
+    let (applier, board) = start_applier_with(&nats, &caddy, "ttl", |c| c.agent_ttl = Some(Duration::from_secs(2)));
+    let mut script = EventScript { seed: 3, ports: vec![port], containers: 1, tag: tag.clone() };
+    let up = loop {
+        if let Event::Up(mut facts) = script.event() {
+            facts.state = ContainerState::Running;
+            break Event::Up(facts);
+        }
+    };
+    let host = format!("d0.{tag}.test");
+    let mut reference = RouteState::default();
+    let before_last_message = Instant::now();
+    publish_all(&js, &[up], &mut reference, "1").await;
+    wait_for("the route", Duration::from_secs(10), || async {
+        caddy.get(&host).await.filter(|(s, b)| *s == 200 && b == "ttl")
+    })
+    .await;
+    // Silence: the route goes after the TTL, and /status says why.
+    wait_for("the route to be removed", Duration::from_secs(10), || async {
+        (!caddy_routes(&caddy).await?.contains_key(&host)).then_some(())
+    })
+    .await;
+    let silent = before_last_message.elapsed();
+    assert!(silent >= Duration::from_secs(2), "removed before the TTL: {silent:?}");
+    let agents = board.view().agents;
+    assert!(agents.iter().any(|a| a.agent == "agent0" && a.expired), "{agents:?}");
+    // The agent's next sync brings it back.
+    let sync = Event::Sync(AgentSync {
+        agent: AgentId::new("agent0").unwrap(),
+        host_address: "127.0.0.1".into(),
+        containers: vec!["c0".into()],
+        observed_at_ms: 0,
+    });
+    publish_all(&js, &[sync], &mut reference, "2").await;
+    wait_for("the route to come back", Duration::from_secs(10), || async {
+        caddy.get(&host).await.filter(|(s, b)| *s == 200 && b == "ttl")
+    })
+    .await;
+    applier.stop().await;
+}
