@@ -532,9 +532,18 @@ async fn a_silent_agent_loses_its_routes_after_the_ttl_and_regains_them() {
     let backend = start_backend(&[], "ttl").await;
     let port = backend.get_host_port_ipv4(80).await.unwrap();
     let js = jetstream::new(nats.client().await);
-    ensure_stream(&js, &StreamSettings::default()).await.unwrap();
-    let (applier, board) = start_applier_with(&nats, &caddy, "ttl", |c| c.agent_ttl = Some(Duration::from_secs(2)));
-    let mut script = EventScript { seed: 3, ports: vec![port], containers: 1, tag: tag.clone() };
+    ensure_stream(&js, &StreamSettings::default())
+        .await
+        .unwrap();
+    let (applier, board) = start_applier_with(&nats, &caddy, "ttl", |c| {
+        c.agent_ttl = Some(Duration::from_secs(2))
+    });
+    let mut script = EventScript {
+        seed: 3,
+        ports: vec![port],
+        containers: 1,
+        tag: tag.clone(),
+    };
     let up = loop {
         if let Event::Up(mut facts) = script.event() {
             facts.state = ContainerState::Running;
@@ -546,18 +555,29 @@ async fn a_silent_agent_loses_its_routes_after_the_ttl_and_regains_them() {
     let before_last_message = Instant::now();
     publish_all(&js, &[up], &mut reference, "1").await;
     wait_for("the route", Duration::from_secs(10), || async {
-        caddy.get(&host).await.filter(|(s, b)| *s == 200 && b == "ttl")
+        caddy
+            .get(&host)
+            .await
+            .filter(|(s, b)| *s == 200 && b == "ttl")
     })
     .await;
     // Silence: the route goes after the TTL, and /status says why.
-    wait_for("the route to be removed", Duration::from_secs(10), || async {
-        (!caddy_routes(&caddy).await?.contains_key(&host)).then_some(())
-    })
+    wait_for(
+        "the route to be removed",
+        Duration::from_secs(10),
+        || async { (!caddy_routes(&caddy).await?.contains_key(&host)).then_some(()) },
+    )
     .await;
     let silent = before_last_message.elapsed();
-    assert!(silent >= Duration::from_secs(2), "removed before the TTL: {silent:?}");
+    assert!(
+        silent >= Duration::from_secs(2),
+        "removed before the TTL: {silent:?}"
+    );
     let agents = board.view().agents;
-    assert!(agents.iter().any(|a| a.agent == "agent0" && a.expired), "{agents:?}");
+    assert!(
+        agents.iter().any(|a| a.agent == "agent0" && a.expired),
+        "{agents:?}"
+    );
     // The agent's next sync brings it back.
     let sync = Event::Sync(AgentSync {
         agent: AgentId::new("agent0").unwrap(),
@@ -566,9 +586,16 @@ async fn a_silent_agent_loses_its_routes_after_the_ttl_and_regains_them() {
         observed_at_ms: 0,
     });
     publish_all(&js, &[sync], &mut reference, "2").await;
-    wait_for("the route to come back", Duration::from_secs(10), || async {
-        caddy.get(&host).await.filter(|(s, b)| *s == 200 && b == "ttl")
-    })
+    wait_for(
+        "the route to come back",
+        Duration::from_secs(10),
+        || async {
+            caddy
+                .get(&host)
+                .await
+                .filter(|(s, b)| *s == 200 && b == "ttl")
+        },
+    )
     .await;
     applier.stop().await;
 }
