@@ -14,6 +14,7 @@ use caddy_fleet_nats::async_nats::jetstream;
 use caddy_fleet_nats::{
     ConsumerSettings, DurableSource, EventPublisher, NatsConfig, StreamSettings,
 };
+use caddy_fleet_publisher::outbox::{run_sender, Outbox, OutboxSink};
 use caddy_fleet_publisher::PublisherConfig;
 
 pub use caddy_fleet_applier as applier;
@@ -49,19 +50,51 @@ pub async fn connect_docker() -> Result<caddy_fleet_publisher::bollard::Docker, 
     Ok(docker.negotiate_version().await?)
 }
 
+/// How long a stopping publisher keeps sending what its outbox holds.
+const PUBLISHER_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs a publisher that sends to NATS until `shutdown` completes.
+///
+/// NATS being unreachable never stops the watch: facts wait in the outbox
+/// (latest per container) and go out when NATS is back. Credentials NATS
+/// refuses at start are an error, since waiting would not help.
 pub async fn run_publisher(
     nats: &NatsConfig,
     config: PublisherConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), FleetError> {
     let docker = connect_docker().await?;
-    let client = caddy_fleet_nats::connect(nats).await?;
+    let client = match caddy_fleet_nats::connect(nats).await {
+        Ok(client) => client,
+        Err(error) if error.is_auth_failure() => return Err(error.into()),
+        Err(error) => {
+            tracing::warn!(%error, "NATS unreachable at start; watching Docker anyway and sending when it is back.");
+            let retrying = NatsConfig {
+                retry_initial_connect: true,
+                ..nats.clone()
+            };
+            caddy_fleet_nats::connect(&retrying).await?
+        }
+    };
     let js = jetstream::new(client);
     let nonce = uuid::Uuid::new_v4().simple().to_string();
     tracing::info!(agent = %config.agent, host_address = %config.host_address, "Publisher starting.");
-    let sink = EventPublisher::new(js, config.agent.clone(), nonce);
-    caddy_fleet_publisher::run(docker, config, sink, shutdown).await?;
+    let outbox = Arc::new(Outbox::default());
+    let (stop_sender, sender_stopped) = tokio::sync::watch::channel(false);
+    let sender = tokio::spawn(run_sender(
+        outbox.clone(),
+        EventPublisher::new(js.clone(), config.agent.clone(), nonce.clone()),
+        PUBLISHER_DRAIN,
+        async move {
+            let mut stopped = sender_stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+    let sink = OutboxSink::new(outbox, EventPublisher::new(js, config.agent.clone(), nonce));
+    let watched = caddy_fleet_publisher::run(docker, config, sink, shutdown).await;
+    let _ = stop_sender.send(true);
+    let _ = sender.await;
+    watched?;
     tracing::info!("Publisher stopped.");
     Ok(())
 }

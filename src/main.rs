@@ -123,15 +123,22 @@ struct PublisherArgs {
     /// This host's agent ID [default: the hostname, sanitised].
     #[arg(long, env = "AGENT_ID")]
     agent_id: Option<String>,
-    /// The address other hosts reach this host's published ports at.
+    /// The address (IP or DNS name) other hosts reach this host's
+    /// published ports at [default: the address of the default route's interface].
     #[arg(long, env = "HOST_IP")]
-    host_ip: String,
+    host_ip: Option<String>,
     /// Only containers with labels under this prefix are published.
     #[arg(long, env = "DOCKER_LABEL_PREFIX", default_value = "caddy")]
     label_prefix: String,
     /// Only containers carrying this label (key or key=value) are published.
     #[arg(long, env = "AGENT_FILTER_LABEL")]
     filter_label: Option<FilterLabel>,
+    /// How often the full set of live containers is re-sent (e.g. 5m).
+    #[arg(long, env = "SYNC_INTERVAL", value_parser = parse_duration, default_value = "5m")]
+    sync_interval: Duration,
+    /// How often a heartbeat is sent (e.g. 10s).
+    #[arg(long, env = "HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "10s")]
+    heartbeat_interval: Duration,
 }
 
 #[derive(Args)]
@@ -270,9 +277,22 @@ async fn main() -> anyhow::Result<()> {
                 None => AgentId::sanitize(&hostname()),
             };
             let nats = args.nats.config(format!("caddy-fleet-publisher-{agent}"))?;
-            let mut config = PublisherConfig::new(agent, args.host_ip);
+            let host_ip = match args.host_ip {
+                Some(ip) if caddy_fleet::publisher::host::is_valid_address(&ip) => ip,
+                Some(ip) => anyhow::bail!("invalid HOST_IP {ip:?}: give an IP address or a DNS name other hosts can reach"),
+                None => {
+                    let detected = caddy_fleet::publisher::host::detect().context(
+                        "cannot detect HOST_IP (no default route); set HOST_IP to the address other hosts reach this one at",
+                    )?;
+                    tracing::info!(host_ip = %detected, "HOST_IP not set; using the default route's interface address.");
+                    detected.to_string()
+                }
+            };
+            let mut config = PublisherConfig::new(agent, host_ip);
             config.label_prefix = args.label_prefix;
             config.filter_label = args.filter_label;
+            config.sync_interval = args.sync_interval;
+            config.heartbeat_interval = args.heartbeat_interval;
             caddy_fleet::run_publisher(&nats, config, shutdown_signal()).await?;
         }
         Command::Applier(args) => {

@@ -74,8 +74,14 @@ pub enum ConnectError {
     /// A client certificate without its key, or the reverse.
     #[error("NATS TLS client authentication needs both a certificate and a key file")]
     IncompleteClientCert,
-    /// The server could not be reached or refused us.
-    #[error("cannot connect to NATS at {urls}: {source}")]
+    /// The server refused the credentials.
+    #[error("NATS at {urls} refused the credentials ({source}): check NATS_TOKEN, NATS_USER/NATS_PASSWORD or NATS_CREDS_FILE, and that this user exists in the server's authorization block")]
+    Refused {
+        urls: String,
+        source: async_nats::ConnectError,
+    },
+    /// The server could not be reached.
+    #[error("cannot connect to NATS at {urls}: {source} (is NATS_URL right and the server up?)")]
     Connect {
         urls: String,
         source: async_nats::ConnectError,
@@ -85,8 +91,7 @@ pub enum ConnectError {
 impl ConnectError {
     /// True when the server refused the credentials.
     pub fn is_auth_failure(&self) -> bool {
-        matches!(self, ConnectError::Connect { source, .. }
-            if matches!(source.kind(), async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication))
+        matches!(self, ConnectError::Refused { .. })
     }
 }
 
@@ -140,8 +145,14 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, ConnectError> {
     options
         .connect(config.urls.as_slice())
         .await
-        .map_err(|source| ConnectError::Connect {
-            urls: config.urls.join(","),
-            source,
+        .map_err(|source| {
+            let urls = config.urls.join(",");
+            match source.kind() {
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                | async_nats::ConnectErrorKind::Authentication => {
+                    ConnectError::Refused { urls, source }
+                }
+                _ => ConnectError::Connect { urls, source },
+            }
         })
 }

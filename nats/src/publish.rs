@@ -67,14 +67,25 @@ impl EventPublisher {
         self
     }
 
-    /// Publishes `event` on its subject and waits for the stream's ack.
-    ///
-    /// Transient failures (timeouts, no responders during a leader
-    /// election, a broken connection) are retried with capped backoff and
-    /// the same message ID.
-    pub async fn publish(&mut self, event: &Event) -> Result<Stored, PublishError> {
+    /// The next message ID of this run: `<agent>.<nonce>.<counter>`.
+    pub fn next_id(&mut self) -> String {
         self.counter += 1;
-        let id = format!("{}.{}.{}", self.agent, self.nonce, self.counter);
+        format!("{}.{}.{}", self.agent, self.nonce, self.counter)
+    }
+
+    /// Publishes `event` on its subject with a fresh message ID and waits
+    /// for the stream's ack.
+    pub async fn publish(&mut self, event: &Event) -> Result<Stored, PublishError> {
+        let id = self.next_id();
+        self.publish_with_id(event, &id).await
+    }
+
+    /// Publishes `event` with message ID `id` and waits for the stream's
+    /// ack. Transient failures (timeouts, no responders during a leader
+    /// election, a broken connection) are retried with capped backoff and
+    /// the same ID; so is a later call with the same ID, which the stream
+    /// deduplicates within its duplicate window.
+    pub async fn publish_with_id(&self, event: &Event, id: &str) -> Result<Stored, PublishError> {
         let subject = event.subject();
         let payload = bytes::Bytes::from(event.encode());
         let mut backoff = Duration::from_millis(100);
@@ -83,7 +94,7 @@ impl EventPublisher {
             attempt += 1;
             let message = PublishMessage::build()
                 .payload(payload.clone())
-                .message_id(&id);
+                .message_id(id);
             let result = match self.js.send_publish(subject.clone(), message).await {
                 Ok(ack) => ack.await,
                 Err(err) => Err(err),

@@ -4,13 +4,17 @@
 //!
 //! - [`config`]: [`PublisherConfig`], who this agent is and what it watches.
 //! - [`facts`]: Docker's inspect output → [`caddy_fleet_schema::ContainerFacts`].
-//! - [`sink`]: [`EventSink`], where events go (NATS, or an in-process channel).
+//! - [`host`]: the host address default (the default route's interface).
+//! - [`outbox`]: latest-per-subject queue to NATS that survives NATS outages.
+//! - [`sink`]: [`EventSink`], where events go (the outbox, or an in-process channel).
 //! - [`watch`]: [`watch::run`], the watch loop.
 
 pub use bollard;
 
 pub mod config;
 pub mod facts;
+pub mod host;
+pub mod outbox;
 pub mod sink;
 pub mod watch;
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bollard::models::EventMessage;
+use bollard::models::{EventMessage, EventMessageTypeEnum};
 use bollard::query_parameters::{EventsOptions, ListContainersOptionsBuilder};
 use bollard::Docker;
 use caddy_fleet_schema::{AgentSync, ContainerDown, Event, Heartbeat};
@@ -20,8 +20,10 @@ use crate::config::PublisherConfig;
 use crate::facts::{from_inspect, is_watched};
 use crate::sink::EventSink;
 
-/// Container events that can change what the applier should route.
-const EVENTS: [&str; 9] = [
+/// Events that can change what the applier should route: container
+/// lifecycle, health, renames, and network (dis)connections, which change
+/// a container's addresses.
+const EVENTS: [&str; 11] = [
     "start",
     "die",
     "stop",
@@ -31,7 +33,12 @@ const EVENTS: [&str; 9] = [
     "unpause",
     "health_status",
     "rename",
+    "connect",
+    "disconnect",
 ];
+
+/// Longest wait for one Docker API call (list, inspect).
+const DOCKER_CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why the watch loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -94,33 +101,43 @@ impl Watcher {
     /// Returns `Ok` when the event stream fails or ends.
     async fn session<S: EventSink>(&mut self, sink: &mut S) -> Result<(), WatchError> {
         let since = (now_ms() / 1000).to_string();
+        // No label filter here: Docker would apply it to network events
+        // too, whose labels are the network's. Labels are checked below.
         let mut filters: HashMap<String, Vec<String>> = HashMap::new();
-        filters.insert("type".into(), vec!["container".into()]);
+        filters.insert("type".into(), vec!["container".into(), "network".into()]);
         filters.insert(
             "event".into(),
             EVENTS.iter().map(|e| e.to_string()).collect(),
         );
-        if let Some(filter) = &self.config.filter_label {
-            filters.insert("label".into(), vec![filter.docker_filter()]);
-        }
         // Lazy: the request goes out on the first poll, and `since` makes
         // Docker replay whatever happened from now on, listing included.
         let events = self.docker.events(Some(EventsOptions {
             since: Some(since),
             until: None,
-            filters: Some(filters.clone()),
+            filters: Some(filters),
         }));
         tokio::pin!(events);
 
-        filters.remove("event");
-        filters.remove("type");
+        let mut list_filters: HashMap<String, Vec<String>> = HashMap::new();
+        if let Some(filter) = &self.config.filter_label {
+            list_filters.insert("label".into(), vec![filter.docker_filter()]);
+        }
         let list = ListContainersOptionsBuilder::default()
-            .filters(&filters)
+            .filters(&list_filters)
             .build();
-        let listed = match self.docker.list_containers(Some(list)).await {
-            Ok(listed) => listed,
-            Err(error) => {
+        let listed = match tokio::time::timeout(
+            DOCKER_CALL_TIMEOUT,
+            self.docker.list_containers(Some(list)),
+        )
+        .await
+        {
+            Ok(Ok(listed)) => listed,
+            Ok(Err(error)) => {
                 tracing::warn!(%error, "Cannot list containers.");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?DOCKER_CALL_TIMEOUT, "Listing containers timed out.");
                 return Ok(());
             }
         };
@@ -172,6 +189,19 @@ impl Watcher {
         let Some(actor) = event.actor else {
             return Ok(());
         };
+        if event.typ == Some(EventMessageTypeEnum::NETWORK) {
+            // A watched container joined or left a network: its addresses changed.
+            let container = actor
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get("container"))
+                .cloned();
+            if let Some(id) = container.filter(|id| self.known.contains(id)) {
+                tracing::debug!(container = %id, action = ?event.action, "Network event.");
+                self.refresh(&id, sink).await?;
+            }
+            return Ok(());
+        }
         let Some(id) = actor.id else { return Ok(()) };
         let action = event.action.unwrap_or_default();
         tracing::debug!(container = %id, %action, "Docker event.");
@@ -199,7 +229,19 @@ impl Watcher {
     /// Inspects one container and publishes its facts (or its removal).
     /// Returns whether the container exists and is watched.
     async fn refresh<S: EventSink>(&mut self, id: &str, sink: &mut S) -> Result<bool, WatchError> {
-        match self.docker.inspect_container(id, None).await {
+        let inspected = match tokio::time::timeout(
+            DOCKER_CALL_TIMEOUT,
+            self.docker.inspect_container(id, None),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(container = %id, timeout = ?DOCKER_CALL_TIMEOUT, "Inspecting container timed out.");
+                return Ok(false);
+            }
+        };
+        match inspected {
             Ok(inspect) => match from_inspect(&inspect, &self.config, now_ms()) {
                 Some(facts) => {
                     self.send(&Event::Up(facts), sink).await?;
@@ -245,8 +287,8 @@ impl Watcher {
             }
             Err(crate::SinkError::ChannelClosed) => Err(WatchError::SinkClosed),
             Err(error) => {
-                // The next sync (or the container's next event) carries the
-                // truth again; issue #4 adds a latest-per-container buffer.
+                // Only a sink that stores synchronously fails here (the
+                // outbox never does); the next sync carries the truth again.
                 tracing::error!(subject = %event.subject(), %error, "Publish failed; dropping this update.");
                 Ok(())
             }
