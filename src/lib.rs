@@ -17,6 +17,9 @@ use caddy_fleet_nats::{
 use caddy_fleet_publisher::outbox::{run_sender, Outbox, OutboxSink};
 use caddy_fleet_publisher::PublisherConfig;
 
+pub mod modes;
+pub mod settings;
+
 pub use caddy_fleet_applier as applier;
 pub use caddy_fleet_nats as nats;
 pub use caddy_fleet_publisher as publisher;

@@ -1,34 +1,159 @@
 //! The `caddy-fleet` binary: parses settings, sets up logging and runs one
-//! component from the library.
+//! mode from the library.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use caddy_fleet::applier::{ApplierConfig, StatusBoard};
-use caddy_fleet::nats::{NatsAuth, NatsConfig, NatsTls, StreamSettings};
-use caddy_fleet::publisher::{FilterLabel, PublisherConfig};
-use caddy_fleet::schema::translate::LocalNetwork;
-use caddy_fleet::schema::AgentId;
+use caddy_fleet::settings::{Mode, Settings};
 use clap::{Args, Parser, Subcommand};
 
 /// One Caddy front door for a fleet of plain Docker hosts, driven by container labels.
+///
+/// Every setting comes, in this order of precedence, from a --flag, its
+/// environment variable (the flag's name upper-cased with `_`, e.g.
+/// NATS_URL), the --config TOML file (lower-cased, e.g. nats_url), or its
+/// default. See the README's settings table.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// A TOML file of settings (keys like `nats_url = "nats://nats:4222"`).
+    #[arg(long, global = true, env = "CADDY_FLEET_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Flags,
+    /// What to run; without one, AGENT_MODE decides (default standalone).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Watch this host's Docker engine and publish container facts to NATS (agent mode).
-    Publisher(PublisherArgs),
+    /// One host, no NATS: watch local Docker and drive the local Caddy.
+    Standalone,
+    /// The Caddy host: the applier plus a publisher for this host's containers.
+    Server,
+    /// A Docker host of the fleet: publish container facts to NATS.
+    #[command(alias = "agent")]
+    Publisher,
     /// Read the log from NATS and converge Caddy to it.
-    Applier(ApplierArgs),
+    Applier,
     /// Print the Caddyfile that labels translate to (for debugging labels).
     Labels(LabelsArgs),
+}
+
+/// Settings as flags; each overrides its environment variable and the file.
+#[derive(Args)]
+struct Flags {
+    /// standalone | server | agent (AGENT_MODE)
+    #[arg(long, global = true)]
+    agent_mode: Option<String>,
+    /// This host's agent ID (AGENT_ID)
+    #[arg(long, global = true)]
+    agent_id: Option<String>,
+    /// Address other hosts reach this host's published ports at (HOST_IP)
+    #[arg(long, global = true)]
+    host_ip: Option<String>,
+    /// Label prefix (DOCKER_LABEL_PREFIX)
+    #[arg(long, global = true)]
+    docker_label_prefix: Option<String>,
+    /// Only containers with this label (AGENT_FILTER_LABEL)
+    #[arg(long, global = true)]
+    agent_filter_label: Option<String>,
+    /// Caddy's admin API (CADDY_API_URL)
+    #[arg(long, global = true)]
+    caddy_api_url: Option<String>,
+    /// The Caddyfile Caddy runs with (CADDY_BASE_CADDYFILE)
+    #[arg(long, global = true)]
+    caddy_base_caddyfile: Option<String>,
+    /// The applier's name (APPLIER_NAME)
+    #[arg(long, global = true)]
+    applier_name: Option<String>,
+    /// Status endpoints address (STATUS_LISTEN)
+    #[arg(long, global = true)]
+    status_listen: Option<String>,
+    /// Remove a silent agent's routes after this long (AGENT_TTL)
+    #[arg(long, global = true)]
+    agent_ttl: Option<String>,
+    /// Push once no event came for this long (COALESCE_QUIET)
+    #[arg(long, global = true)]
+    coalesce_quiet: Option<String>,
+    /// Longest delay of a push in a burst (COALESCE_MAX_DELAY)
+    #[arg(long, global = true)]
+    coalesce_max_delay: Option<String>,
+    /// Full sync period (SYNC_INTERVAL)
+    #[arg(long, global = true)]
+    sync_interval: Option<String>,
+    /// Heartbeat period (HEARTBEAT_INTERVAL)
+    #[arg(long, global = true)]
+    heartbeat_interval: Option<String>,
+    /// Docker network shared with Caddy (CADDY_INGRESS_NETWORK)
+    #[arg(long, global = true)]
+    caddy_ingress_network: Option<String>,
+    /// NATS servers, comma-separated (NATS_URL)
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// NATS token (NATS_TOKEN)
+    #[arg(long, global = true)]
+    nats_token: Option<String>,
+    /// NATS user (NATS_USER)
+    #[arg(long, global = true)]
+    nats_user: Option<String>,
+    /// NATS password (NATS_PASSWORD)
+    #[arg(long, global = true)]
+    nats_password: Option<String>,
+    /// NATS credentials file (NATS_CREDS_FILE)
+    #[arg(long, global = true)]
+    nats_creds_file: Option<String>,
+    /// Require TLS to NATS (NATS_TLS_REQUIRED)
+    #[arg(long, global = true)]
+    nats_tls_required: bool,
+    /// CA bundle for NATS (NATS_TLS_CA)
+    #[arg(long, global = true)]
+    nats_tls_ca: Option<String>,
+    /// Client certificate for NATS (NATS_TLS_CERT)
+    #[arg(long, global = true)]
+    nats_tls_cert: Option<String>,
+    /// Client key for NATS (NATS_TLS_KEY)
+    #[arg(long, global = true)]
+    nats_tls_key: Option<String>,
+}
+
+impl Flags {
+    fn given(self) -> Vec<(&'static str, String)> {
+        let pairs = [
+            ("agent_mode", self.agent_mode),
+            ("agent_id", self.agent_id),
+            ("host_ip", self.host_ip),
+            ("docker_label_prefix", self.docker_label_prefix),
+            ("agent_filter_label", self.agent_filter_label),
+            ("caddy_api_url", self.caddy_api_url),
+            ("caddy_base_caddyfile", self.caddy_base_caddyfile),
+            ("applier_name", self.applier_name),
+            ("status_listen", self.status_listen),
+            ("agent_ttl", self.agent_ttl),
+            ("coalesce_quiet", self.coalesce_quiet),
+            ("coalesce_max_delay", self.coalesce_max_delay),
+            ("sync_interval", self.sync_interval),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("caddy_ingress_network", self.caddy_ingress_network),
+            ("nats_url", self.nats_url),
+            ("nats_token", self.nats_token),
+            ("nats_user", self.nats_user),
+            ("nats_password", self.nats_password),
+            ("nats_creds_file", self.nats_creds_file),
+            (
+                "nats_tls_required",
+                self.nats_tls_required.then(|| "true".to_string()),
+            ),
+            ("nats_tls_ca", self.nats_tls_ca),
+            ("nats_tls_cert", self.nats_tls_cert),
+            ("nats_tls_key", self.nats_tls_key),
+        ];
+        pairs
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
+    }
 }
 
 #[derive(Args)]
@@ -43,202 +168,23 @@ struct LabelsArgs {
     /// the flag or separate addresses with commas.
     #[arg(long, value_delimiter = ',')]
     upstreams: Option<Vec<String>>,
-    /// With --container: the address its published ports are reached at.
-    #[arg(long, env = "HOST_IP", default_value = "127.0.0.1")]
-    host_ip: String,
-    /// The label prefix.
-    #[arg(long, env = "DOCKER_LABEL_PREFIX", default_value = "caddy")]
-    label_prefix: String,
 }
 
-#[derive(Args)]
-struct NatsArgs {
-    /// NATS server URLs, comma-separated.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        value_delimiter = ',',
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats_url: Vec<String>,
-    /// NATS token.
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
-    nats_token: Option<String>,
-    /// NATS user (with --nats-password).
-    #[arg(long, env = "NATS_USER")]
-    nats_user: Option<String>,
-    /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    nats_password: Option<String>,
-    /// NATS credentials file (JWT + NKey seed).
-    #[arg(long, env = "NATS_CREDS_FILE")]
-    nats_creds_file: Option<PathBuf>,
-    /// Require TLS to NATS.
-    #[arg(long, env = "NATS_TLS_REQUIRED")]
-    nats_tls_required: bool,
-    /// CA bundle for the NATS server certificate.
-    #[arg(long, env = "NATS_TLS_CA")]
-    nats_tls_ca: Option<PathBuf>,
-    /// Client certificate for NATS.
-    #[arg(long, env = "NATS_TLS_CERT")]
-    nats_tls_cert: Option<PathBuf>,
-    /// Key of the client certificate.
-    #[arg(long, env = "NATS_TLS_KEY")]
-    nats_tls_key: Option<PathBuf>,
-}
-
-impl NatsArgs {
-    fn config(&self, name: String) -> anyhow::Result<NatsConfig> {
-        let auth = match (&self.nats_token, &self.nats_user, &self.nats_password, &self.nats_creds_file) {
-            (None, None, None, None) => NatsAuth::None,
-            (Some(token), None, None, None) => NatsAuth::Token { token: token.clone() },
-            (None, Some(user), Some(password), None) => NatsAuth::UserPassword {
-                user: user.clone(),
-                password: password.clone(),
-            },
-            (None, None, None, Some(path)) => NatsAuth::CredentialsFile { path: path.clone() },
-            _ => anyhow::bail!(
-                "set exactly one NATS authentication: NATS_TOKEN, NATS_USER with NATS_PASSWORD, or NATS_CREDS_FILE"
-            ),
-        };
-        Ok(NatsConfig {
-            urls: self.nats_url.clone(),
-            auth,
-            tls: NatsTls {
-                required: self.nats_tls_required,
-                ca_file: self.nats_tls_ca.clone(),
-                cert_file: self.nats_tls_cert.clone(),
-                key_file: self.nats_tls_key.clone(),
-            },
-            name: Some(name),
-            retry_initial_connect: false,
-        })
-    }
-}
-
-#[derive(Args)]
-struct PublisherArgs {
-    #[command(flatten)]
-    nats: NatsArgs,
-    /// This host's agent ID [default: the hostname, sanitised].
-    #[arg(long, env = "AGENT_ID")]
-    agent_id: Option<String>,
-    /// The address (IP or DNS name) other hosts reach this host's
-    /// published ports at [default: the address of the default route's interface].
-    #[arg(long, env = "HOST_IP")]
-    host_ip: Option<String>,
-    /// Only containers with labels under this prefix are published.
-    #[arg(long, env = "DOCKER_LABEL_PREFIX", default_value = "caddy")]
-    label_prefix: String,
-    /// Only containers carrying this label (key or key=value) are published.
-    #[arg(long, env = "AGENT_FILTER_LABEL")]
-    filter_label: Option<FilterLabel>,
-    /// How often the full set of live containers is re-sent (e.g. 5m).
-    #[arg(long, env = "SYNC_INTERVAL", value_parser = parse_duration, default_value = "5m")]
-    sync_interval: Duration,
-    /// How often a heartbeat is sent (e.g. 10s).
-    #[arg(long, env = "HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "10s")]
-    heartbeat_interval: Duration,
-}
-
-#[derive(Args)]
-struct ApplierArgs {
-    #[command(flatten)]
-    nats: NatsArgs,
-    /// Caddy's admin API.
-    #[arg(long, env = "CADDY_API_URL", default_value = "http://127.0.0.1:2019")]
-    caddy_api_url: String,
-    /// The Caddyfile Caddy runs with, merged in front of the generated sites.
-    #[arg(long, env = "CADDY_BASE_CADDYFILE")]
-    base_caddyfile: Option<PathBuf>,
-    /// This applier's durable consumer name [default: the hostname, sanitised].
-    #[arg(long, env = "APPLIER_NAME")]
-    applier_name: Option<String>,
-    /// The label prefix to translate.
-    #[arg(long, env = "DOCKER_LABEL_PREFIX", default_value = "caddy")]
-    label_prefix: String,
-    /// The agent whose containers share a Docker network with Caddy (the
-    /// publisher on Caddy's own host); they are reached at their IP on
-    /// --ingress-network instead of a published port.
-    #[arg(long, env = "LOCAL_AGENT_ID", requires = "ingress_network")]
-    local_agent_id: Option<String>,
-    /// The Docker network Caddy shares with the local agent's containers.
-    #[arg(long, env = "CADDY_INGRESS_NETWORK", requires = "local_agent_id")]
-    ingress_network: Option<String>,
-    /// Where /healthz, /readyz, /metrics and /status are served.
-    #[arg(long, env = "STATUS_LISTEN", default_value = "127.0.0.1:9180")]
-    status_listen: std::net::SocketAddr,
-    /// Remove an agent's routes after this long without hearing from it
-    /// (e.g. 90s, 5m). Off by default: its routes stay and /status marks it stale.
-    #[arg(long, env = "AGENT_TTL", value_parser = parse_duration)]
-    agent_ttl: Option<Duration>,
-    /// Push once no event arrived for this long (e.g. 200ms)…
-    #[arg(long, env = "COALESCE_QUIET", value_parser = parse_duration, default_value = "200ms")]
-    coalesce_quiet: Duration,
-    /// …but at most this long after the first event of a burst.
-    #[arg(long, env = "COALESCE_MAX_DELAY", value_parser = parse_duration, default_value = "2s")]
-    coalesce_max_delay: Duration,
-}
-
-/// Parses `500ms`, `2s`, `5m`, `1h`, or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ms, 30s, 5m or 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(number)),
-        "" | "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
-        "h" => Ok(Duration::from_secs(number * 3600)),
-        _ => Err(format!(
-            "{text:?} is not a duration: write e.g. 500ms, 30s, 5m or 1h"
-        )),
-    }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("Shutdown requested.");
-}
-
-async fn labels(args: LabelsArgs) -> anyhow::Result<()> {
+/// `caddy-fleet labels`; the label prefix and, with --container, the
+/// address of published ports come from the usual settings
+/// (DOCKER_LABEL_PREFIX, HOST_IP, default 127.0.0.1).
+async fn labels(args: LabelsArgs, flags: Flags) -> anyhow::Result<()> {
+    let prefix = flags
+        .docker_label_prefix
+        .or_else(|| std::env::var("DOCKER_LABEL_PREFIX").ok())
+        .unwrap_or_else(|| "caddy".to_string());
+    let host_ip = flags
+        .host_ip
+        .or_else(|| std::env::var("HOST_IP").ok())
+        .unwrap_or_else(|| "127.0.0.1".to_string());
     let caddyfile = match &args.container {
         Some(container) => {
-            caddy_fleet::container_caddyfile(
-                container,
-                &args.label_prefix,
-                &args.host_ip,
-                args.upstreams,
-            )
-            .await?
+            caddy_fleet::container_caddyfile(container, &prefix, &host_ip, args.upstreams).await?
         }
         None => {
             let text = match &args.file {
@@ -247,107 +193,53 @@ async fn labels(args: LabelsArgs) -> anyhow::Result<()> {
                 None => std::io::read_to_string(std::io::stdin())
                     .context("cannot read labels from stdin")?,
             };
-            caddy_fleet::labels_caddyfile(
-                &text,
-                &args.label_prefix,
-                args.upstreams.unwrap_or_default(),
-            )?
+            caddy_fleet::labels_caddyfile(&text, &prefix, args.upstreams.unwrap_or_default())?
         }
     };
     print!("{caddyfile}");
     Ok(())
 }
 
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    tracing::info!("Shutdown requested.");
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::Labels(args) = cli.command {
+    let mode = match cli.command {
         // No logging: stdout is the Caddyfile, stderr the error, if any.
-        return labels(args).await;
-    }
+        Some(Command::Labels(args)) => return labels(args, cli.flags).await,
+        Some(Command::Standalone) => Some(Mode::Standalone),
+        Some(Command::Server) => Some(Mode::Server),
+        Some(Command::Publisher) => Some(Mode::Agent),
+        Some(Command::Applier) => Some(Mode::Applier),
+        None => None,
+    };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let settings = Settings::load(cli.config.as_deref(), &env, &cli.flags.given())?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match cli.command {
-        Command::Publisher(args) => {
-            let agent = match &args.agent_id {
-                Some(id) => AgentId::new(id.clone())?,
-                None => AgentId::sanitize(&hostname()),
-            };
-            let nats = args.nats.config(format!("caddy-fleet-publisher-{agent}"))?;
-            let host_ip = match args.host_ip {
-                Some(ip) if caddy_fleet::publisher::host::is_valid_address(&ip) => ip,
-                Some(ip) => anyhow::bail!("invalid HOST_IP {ip:?}: give an IP address or a DNS name other hosts can reach"),
-                None => {
-                    let detected = caddy_fleet::publisher::host::detect().context(
-                        "cannot detect HOST_IP (no default route); set HOST_IP to the address other hosts reach this one at",
-                    )?;
-                    tracing::info!(host_ip = %detected, "HOST_IP not set; using the default route's interface address.");
-                    detected.to_string()
-                }
-            };
-            let mut config = PublisherConfig::new(agent, host_ip);
-            config.label_prefix = args.label_prefix;
-            config.filter_label = args.filter_label;
-            config.sync_interval = args.sync_interval;
-            config.heartbeat_interval = args.heartbeat_interval;
-            caddy_fleet::run_publisher(&nats, config, shutdown_signal()).await?;
-        }
-        Command::Applier(args) => {
-            let name = match &args.applier_name {
-                Some(name) => AgentId::new(name.clone()).context("invalid APPLIER_NAME")?,
-                None => AgentId::sanitize(&hostname()),
-            };
-            let nats = args.nats.config(format!("caddy-fleet-applier-{name}"))?;
-            let mut config = ApplierConfig::new(name.as_str(), args.caddy_api_url);
-            config.agent_ttl = args.agent_ttl;
-            config.quiet_window = args.coalesce_quiet;
-            config.max_delay = args.coalesce_max_delay;
-            if let Some(path) = &args.base_caddyfile {
-                config.base_caddyfile = Some(std::fs::read_to_string(path).with_context(|| {
-                    format!("cannot read CADDY_BASE_CADDYFILE {}", path.display())
-                })?);
-            }
-            config.translate.label_prefix = args.label_prefix;
-            if let (Some(agent), Some(network)) = (args.local_agent_id, args.ingress_network) {
-                config.translate.local = Some(LocalNetwork {
-                    agent: AgentId::new(agent).context("invalid LOCAL_AGENT_ID")?,
-                    network,
-                });
-            }
-            let listener = tokio::net::TcpListener::bind(args.status_listen)
-                .await
-                .with_context(|| {
-                    format!("cannot listen on STATUS_LISTEN {}", args.status_listen)
-                })?;
-            let board = Arc::new(StatusBoard::default());
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                let _ = stop.send(true);
-            });
-            let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-                let _ = rx.wait_for(|stopped| *stopped).await;
-            };
-            let status = tokio::spawn(caddy_fleet::serve_status(
-                listener,
-                board.clone(),
-                until_stopped(stopped.clone()),
-            ));
-            tracing::info!(listen = %args.status_listen, "Status endpoints listening.");
-            caddy_fleet::run_applier(
-                &nats,
-                &StreamSettings::default(),
-                config,
-                board,
-                until_stopped(stopped),
-            )
-            .await?;
-            status.await??;
-        }
-        Command::Labels(_) => {}
-    }
+    caddy_fleet::modes::run(
+        mode.unwrap_or(settings.agent_mode),
+        &settings,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -31,3 +31,28 @@ impl LogSource for tokio::sync::mpsc::Receiver<Delivery> {
         self.recv().await
     }
 }
+
+/// Events handed over in-process (standalone mode), numbered as they come.
+pub struct ChannelSource {
+    events: tokio::sync::mpsc::Receiver<caddy_fleet_schema::Event>,
+    seq: u64,
+}
+
+impl ChannelSource {
+    /// A source reading `events`.
+    pub fn new(events: tokio::sync::mpsc::Receiver<caddy_fleet_schema::Event>) -> Self {
+        ChannelSource { events, seq: 0 }
+    }
+}
+
+impl LogSource for ChannelSource {
+    async fn next(&mut self) -> Option<Delivery> {
+        let event = self.events.recv().await?;
+        self.seq += 1;
+        Some(Delivery::detached(
+            self.seq,
+            event.subject(),
+            event.encode(),
+        ))
+    }
+}

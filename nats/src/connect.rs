@@ -24,6 +24,10 @@ pub struct NatsConfig {
     /// Keep retrying when no server is reachable at start, instead of failing.
     #[serde(default)]
     pub retry_initial_connect: bool,
+    /// Prefix of this client's reply subjects (e.g. `_INBOX_agent1`), so a
+    /// NATS user can be allowed to read only its own replies.
+    #[serde(default)]
+    pub inbox_prefix: Option<String>,
 }
 
 /// NATS authentication.
@@ -129,6 +133,9 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, ConnectError> {
     }
     if let Some(name) = &config.name {
         options = options.name(name);
+    }
+    if let Some(prefix) = &config.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
     }
     if config.retry_initial_connect {
         options = options.retry_on_initial_connect();
