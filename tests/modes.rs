@@ -1,0 +1,250 @@
+//! Modes and packaging: standalone mode end to end without NATS, the
+//! shipped NATS config's permissions, and the one-line config errors.
+
+mod support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use caddy_fleet::applier::{ApplierConfig, StatusBoard};
+use caddy_fleet::nats::async_nats::jetstream;
+use caddy_fleet::nats::{
+    connect, ensure_stream, EventPublisher, NatsAuth, NatsConfig, StreamSettings,
+};
+use caddy_fleet::publisher::{FilterLabel, PublisherConfig};
+use caddy_fleet::schema::{AgentId, Event, Heartbeat};
+use support::*;
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{GenericImage, ImageExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_mode_routes_a_labeled_container_without_nats() {
+    let id = unique();
+    let caddy = Caddy::start().await;
+    let mut publisher = PublisherConfig::new(AgentId::new("solo").unwrap(), "127.0.0.1");
+    publisher.filter_label = Some(FilterLabel {
+        key: "caddy-fleet-test".into(),
+        value: Some(id.clone()),
+    });
+    let mut applier = ApplierConfig::new("solo", caddy.admin_url());
+    applier.base_caddyfile = Some(caddy.base_caddyfile());
+    applier.quiet_window = Duration::from_millis(100);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(caddy_fleet::modes::run_standalone(
+        publisher,
+        applier,
+        Arc::new(StatusBoard::default()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let domain = format!("{id}.solo.test");
+    let backend = start_backend(&web_labels(&domain, &id), "solo").await;
+    wait_for(
+        "standalone to route the backend",
+        Duration::from_secs(30),
+        || async {
+            caddy
+                .get(&domain)
+                .await
+                .filter(|(s, b)| *s == 200 && b == "solo")
+        },
+    )
+    .await;
+    backend.stop().await.unwrap();
+    wait_for(
+        "standalone to remove the route",
+        Duration::from_secs(30),
+        || async { (!caddy_routes(&caddy).await?.contains_key(&domain)).then_some(()) },
+    )
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+fn user(url: &str, user: &str, password: &str, inbox: Option<&str>) -> NatsConfig {
+    NatsConfig {
+        urls: vec![url.to_string()],
+        auth: NatsAuth::UserPassword {
+            user: user.into(),
+            password: password.into(),
+        },
+        inbox_prefix: inbox.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nats_config_confines_each_agent_to_its_subjects() {
+    ensure_images();
+    let conf = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/compose/nats/nats.conf"
+    ))
+    .unwrap();
+    let nats = GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
+        .with_exposed_port(4222.tcp())
+        .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+        .with_cmd(["--config", "/etc/nats/nats.conf"])
+        .with_copy_to("/etc/nats/nats.conf", conf)
+        .with_env_var("NATS_APPLIER_PASSWORD", "pw-applier")
+        .with_env_var("NATS_AGENT1_PASSWORD", "pw-agent1")
+        .with_env_var("NATS_AGENT2_PASSWORD", "pw-agent2")
+        .start()
+        .await
+        .unwrap();
+    let url = format!(
+        "nats://127.0.0.1:{}",
+        nats.get_host_port_ipv4(4222).await.unwrap()
+    );
+
+    // The applier manages the stream.
+    let applier = connect(&user(&url, "applier", "pw-applier", None))
+        .await
+        .unwrap();
+    let stream = ensure_stream(&jetstream::new(applier), &StreamSettings::default())
+        .await
+        .unwrap();
+
+    // agent1 publishes (and gets its ack) on its own subjects…
+    let agent1 = connect(&user(&url, "agent1", "pw-agent1", Some("_INBOX_agent1")))
+        .await
+        .unwrap();
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(agent1);
+    let mut own =
+        EventPublisher::new(js.clone(), AgentId::new("agent1").unwrap(), "t").with_max_attempts(1);
+    let hb = |agent: &str| {
+        Event::Heartbeat(Heartbeat {
+            agent: AgentId::new(agent).unwrap(),
+            sent_at_ms: 1,
+        })
+    };
+    own.publish(&hb("agent1"))
+        .await
+        .expect("agent1 may publish on fleet.agent1.>");
+    // …but not on agent2's, …
+    let mut forged =
+        EventPublisher::new(js.clone(), AgentId::new("agent2").unwrap(), "t").with_max_attempts(1);
+    assert!(
+        forged.publish(&hb("agent2")).await.is_err(),
+        "agent1 must not publish on fleet.agent2.>"
+    );
+    // …and not on JetStream's API.
+    assert!(
+        js.get_stream("CADDY_FLEET").await.is_err(),
+        "agent1 must not use $JS.API"
+    );
+    assert!(
+        js.delete_stream("CADDY_FLEET").await.is_err(),
+        "agent1 must not delete the stream"
+    );
+    let mut stream = stream;
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        1,
+        "only agent1's own message was stored"
+    );
+
+    // No credentials, or wrong ones: refused, and said so.
+    let anonymous = connect(&NatsConfig {
+        urls: vec![url.clone()],
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        anonymous.as_ref().is_err_and(|e| e.is_auth_failure()),
+        "{:?}",
+        anonymous.err()
+    );
+    let wrong = connect(&user(&url, "agent1", "nope", None))
+        .await
+        .unwrap_err();
+    assert!(
+        wrong.to_string().contains("refused the credentials"),
+        "{wrong}"
+    );
+}
+
+fn run_fleet(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"));
+    command.args(args).env("HOST_IP", "127.0.0.1");
+    for key in [
+        "AGENT_ID",
+        "NATS_URL",
+        "NATS_CREDS_FILE",
+        "AGENT_MODE",
+        "CADDY_API_URL",
+        "RUST_BACKTRACE",
+        "RUST_LIB_BACKTRACE",
+    ] {
+        command.env_remove(key);
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+fn assert_one_line_error(result: (bool, String), expected: &str) {
+    let (ok, stderr) = result;
+    assert!(!ok, "start-up should fail");
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "{stderr:?} should contain {expected:?}"
+    );
+}
+
+#[test]
+fn config_errors_stop_start_up_with_one_line_naming_the_setting() {
+    let dir = std::env::temp_dir().join(format!("caddy-fleet-config-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fleet.toml");
+    std::fs::write(
+        &file,
+        "agent_id = \"web-1\"\nnats_urll = \"nats://nats:4222\"\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+
+    assert_one_line_error(
+        run_fleet(&["--config", file, "agent"], &[]),
+        "unknown setting `nats_urll`",
+    );
+    assert_one_line_error(
+        run_fleet(&["agent"], &[("NATS_URL", "nats://bad host:x")]),
+        "NATS_URL: malformed URL",
+    );
+    assert_one_line_error(
+        run_fleet(&["applier", "--caddy-api-url", "localhost:2019"], &[]),
+        "CADDY_API_URL: malformed URL",
+    );
+    assert_one_line_error(
+        run_fleet(&["agent"], &[("AGENT_ID", "web.1")]),
+        "AGENT_ID: invalid agent ID \"web.1\"",
+    );
+    assert_one_line_error(
+        run_fleet(&["agent", "--agent-id", "web 1"], &[("AGENT_ID", "fine")]),
+        "AGENT_ID: invalid agent ID \"web 1\"",
+    );
+    assert_one_line_error(
+        run_fleet(
+            &["agent"],
+            &[("NATS_CREDS_FILE", "/nonexistent/agent.creds")],
+        ),
+        "NATS_CREDS_FILE: cannot read /nonexistent/agent.creds",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
