@@ -17,6 +17,7 @@ use caddy_fleet_nats::{
 use caddy_fleet_publisher::outbox::{run_sender, Outbox, OutboxSink};
 use caddy_fleet_publisher::PublisherConfig;
 
+pub mod history;
 pub mod modes;
 pub mod settings;
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use caddy_fleet::history::{HistoryFilter, Inspect, ReplayFormat};
 use caddy_fleet::settings::{Mode, Settings};
 use clap::{Args, Parser, Subcommand};
 
@@ -39,6 +40,79 @@ enum Command {
     Applier,
     /// Print the Caddyfile that labels translate to (for debugging labels).
     Labels(LabelsArgs),
+    /// The current routing table (from the applier's /status, else the log).
+    Routes(JsonArg),
+    /// Events touching a domain, agent or container, between two points.
+    History(HistoryArgs),
+    /// The state at a point of the log, as routes, Caddyfile or Caddy JSON.
+    Replay(ReplayArgs),
+    /// Routes added, removed and changed between two points.
+    Diff(DiffArgs),
+    /// Which containers on which agents produce a site, and which are left out and why.
+    Explain(ExplainArgs),
+}
+
+/// A point in the log: RFC 3339 time, stream sequence, a duration back from now (2h), or `now`.
+type PointArg = caddy_fleet::history::Point;
+
+#[derive(Args)]
+struct JsonArg {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct HistoryArgs {
+    /// Events of containers that name this domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Events of this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Events of this container (ID prefix or name).
+    #[arg(long)]
+    container: Option<String>,
+    /// From this point (RFC 3339, sequence, or a duration back from now such as 2h).
+    #[arg(long, default_value = "0")]
+    since: PointArg,
+    /// Up to this point.
+    #[arg(long, default_value = "now")]
+    until: PointArg,
+    #[command(flatten)]
+    json: JsonArg,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The point: RFC 3339 time, sequence, duration back from now, or `now`.
+    #[arg(long)]
+    at: PointArg,
+    /// routes | caddyfile | json (Caddy JSON, adapted by CADDY_API_URL's /adapt).
+    #[arg(long, default_value = "routes")]
+    format: String,
+    #[command(flatten)]
+    json: JsonArg,
+}
+
+#[derive(Args)]
+struct DiffArgs {
+    #[arg(long)]
+    from: PointArg,
+    #[arg(long, default_value = "now")]
+    to: PointArg,
+    #[command(flatten)]
+    json: JsonArg,
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// The domain (as in a site address, without scheme).
+    domain: String,
+    #[arg(long, default_value = "now")]
+    at: PointArg,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
 /// Settings as flags; each overrides its environment variable and the file.
@@ -200,6 +274,22 @@ async fn labels(args: LabelsArgs, flags: Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs a read-only debugging command and prints its answer.
+async fn inspect(
+    command: Inspect,
+    json: bool,
+    config: Option<PathBuf>,
+    flags: Flags,
+) -> anyhow::Result<()> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let settings = Settings::load(config.as_deref(), &env, &flags.given())?;
+    print!(
+        "{}",
+        caddy_fleet::history::run(command, &settings, json).await?
+    );
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -226,6 +316,66 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Server) => Some(Mode::Server),
         Some(Command::Publisher) => Some(Mode::Agent),
         Some(Command::Applier) => Some(Mode::Applier),
+        Some(Command::Routes(a)) => {
+            return inspect(Inspect::Routes, a.json, cli.config, cli.flags).await
+        }
+        Some(Command::History(a)) => {
+            let filter = HistoryFilter {
+                domain: a.domain,
+                agent: a.agent,
+                container: a.container,
+            };
+            return inspect(
+                Inspect::History {
+                    filter,
+                    since: a.since,
+                    until: a.until,
+                },
+                a.json.json,
+                cli.config,
+                cli.flags,
+            )
+            .await;
+        }
+        Some(Command::Replay(a)) => {
+            let format = match a.format.as_str() {
+                "routes" => ReplayFormat::Routes,
+                "caddyfile" => ReplayFormat::Caddyfile,
+                "json" => ReplayFormat::Json,
+                other => anyhow::bail!("--format {other:?}: use routes, caddyfile or json"),
+            };
+            return inspect(
+                Inspect::Replay { at: a.at, format },
+                a.json.json,
+                cli.config,
+                cli.flags,
+            )
+            .await;
+        }
+        Some(Command::Diff(a)) => {
+            return inspect(
+                Inspect::Diff {
+                    from: a.from,
+                    to: a.to,
+                },
+                a.json.json,
+                cli.config,
+                cli.flags,
+            )
+            .await
+        }
+        Some(Command::Explain(a)) => {
+            return inspect(
+                Inspect::Explain {
+                    domain: a.domain,
+                    at: a.at,
+                },
+                a.json.json,
+                cli.config,
+                cli.flags,
+            )
+            .await
+        }
         None => None,
     };
     let env: Vec<(String, String)> = std::env::vars().collect();

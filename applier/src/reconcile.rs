@@ -1,7 +1,7 @@
 //! The applier's loop: consume → fold → checkpoint → ack, and, separately,
 //! coalesce → converge Caddy → watch that it stays converged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +9,9 @@ use std::time::Duration;
 use caddy_fleet_nats::async_nats::jetstream::stream::Stream as JsStream;
 use caddy_fleet_nats::consume::{replay, ConsumeError};
 use caddy_fleet_nats::Delivery;
-use caddy_fleet_schema::caddyfile::{Block, Caddyfile, ParseError};
-use caddy_fleet_schema::translate::{translate_units, ContainerUnit};
+use caddy_fleet_schema::caddyfile::{Caddyfile, ParseError};
+use caddy_fleet_schema::routes::route_table;
+use caddy_fleet_schema::translate::translate_units;
 use caddy_fleet_schema::{AgentId, Event, RouteState};
 use tokio::time::Instant;
 
@@ -19,7 +20,7 @@ use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::ApplierConfig;
 use crate::converge::{Converger, Outcome};
 use crate::source::LogSource;
-use crate::status::{AgentView, ContainerRef, RejectedView, RouteView, StatusBoard};
+use crate::status::{AgentView, ContainerRef, RejectedView, StatusBoard};
 use crate::telemetry::Stats;
 
 /// Why the applier stopped.
@@ -217,7 +218,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                         retry = (retry * 2).min(Duration::from_secs(10));
                     }
                 }
-                publish_status(&board, &state, &units, &converger, &heard, &expired, &config, push_at.is_none());
+                publish_status(&board, &state, &converger, &heard, &expired, &config, push_at.is_none());
             }
             // Periodically: is Caddy still running our config, did an
             // agent go quiet or come back, how far behind are we.
@@ -290,63 +291,26 @@ async fn checkpoint(store: &impl CheckpointStore, state: &RouteState, stats: &St
     }
 }
 
-/// The `reverse_proxy` upstreams anywhere in a block.
-fn proxy_upstreams(block: &Block, out: &mut Vec<String>) {
-    if block.keys.first().map(String::as_str) == Some("reverse_proxy") {
-        let skip = match block.keys.get(1) {
-            Some(m) if m == "*" || m.starts_with('/') || m.starts_with('@') => 2,
-            _ => 1,
-        };
-        out.extend(block.keys.iter().skip(skip).cloned());
-    }
-    for child in &block.children {
-        proxy_upstreams(child, out);
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
 fn publish_status(
     board: &StatusBoard,
     state: &RouteState,
-    units: &[ContainerUnit],
     converger: &Converger,
     heard: &HashMap<AgentId, Instant>,
     expired: &BTreeSet<AgentId>,
     config: &ApplierConfig,
     converged: bool,
 ) {
+    // The routes Caddy runs: the state's table, limited to the containers
+    // in the accepted config (not refused, not of an expired agent).
     let accepted = converger.accepted_ids();
-    let mut routes: BTreeMap<String, RouteView> = BTreeMap::new();
-    for unit in units
-        .iter()
-        .filter(|u| accepted.contains(u.container_id.as_str()))
-    {
-        for site in unit
-            .file
-            .blocks
-            .iter()
-            .filter(|b| !b.is_global() && !b.is_snippet())
-        {
-            let key = site.keys.join(" ");
-            let route = routes.entry(key.clone()).or_insert_with(|| RouteView {
-                site: key,
-                upstreams: Vec::new(),
-                containers: Vec::new(),
-            });
-            let mut upstreams = Vec::new();
-            proxy_upstreams(site, &mut upstreams);
-            for u in upstreams {
-                if !route.upstreams.contains(&u) {
-                    route.upstreams.push(u);
-                }
-            }
-            route.containers.push(ContainerRef {
-                agent: unit.agent.to_string(),
-                container: unit.container.clone(),
-                container_id: unit.container_id.clone(),
-            });
-        }
+    let mut routes = route_table(state, &config.translate);
+    for row in &mut routes {
+        row.containers.retain(|c| {
+            accepted.contains(c.container_id.as_str())
+                && !expired.iter().any(|a| a.as_str() == c.agent)
+        });
     }
+    routes.retain(|row| !row.containers.is_empty());
     let mut rejected: Vec<RejectedView> = board
         .stats
         .rejected()
@@ -392,7 +356,7 @@ fn publish_status(
     board.update(|v| {
         v.converged = converged;
         v.last_seq = state.last_seq;
-        v.routes = routes.into_values().collect();
+        v.routes = routes;
         v.rejected = rejected;
         v.agents = agents;
     });

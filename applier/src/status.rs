@@ -28,7 +28,7 @@ pub struct StatusView {
     /// Every agent the log knows.
     pub agents: Vec<AgentView>,
     /// Every site in the config Caddy runs.
-    pub routes: Vec<RouteView>,
+    pub routes: Vec<caddy_fleet_schema::routes::RouteRow>,
     /// Containers left out, with the reason.
     pub rejected: Vec<RejectedView>,
 }
@@ -48,17 +48,6 @@ pub struct AgentView {
     pub expired: bool,
     /// Its containers the log lists.
     pub containers: usize,
-}
-
-/// One site.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct RouteView {
-    /// The site's addresses.
-    pub site: String,
-    /// The upstreams of its `reverse_proxy` lines.
-    pub upstreams: Vec<String>,
-    /// The containers that declare it.
-    pub containers: Vec<ContainerRef>,
 }
 
 /// A container, as status names it.

@@ -37,6 +37,7 @@ pub struct StatsSnapshot {
     pub pushes: u64,
     pub push_failures: u64,
     pub rejected_containers: u64,
+    pub checkpoints: u64,
 }
 
 impl Stats {
@@ -48,6 +49,7 @@ impl Stats {
             pushes: self.pushes.load(Ordering::Relaxed),
             push_failures: self.push_failures.load(Ordering::Relaxed),
             rejected_containers: self.rejected_containers.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
         }
     }
 

@@ -60,6 +60,8 @@ pub struct Delivery {
     pub subject: String,
     /// The raw payload.
     pub payload: Bytes,
+    /// When the stream stored it, in milliseconds since the epoch.
+    pub published_ms: Option<i64>,
     message: Option<jetstream::Message>,
 }
 
@@ -71,6 +73,7 @@ impl Delivery {
             seq,
             subject: subject.into(),
             payload: payload.into(),
+            published_ms: None,
             message: None,
         }
     }
@@ -88,8 +91,11 @@ impl Delivery {
 }
 
 fn delivery(message: jetstream::Message, keep: bool) -> Option<Delivery> {
-    let seq = match message.info() {
-        Ok(info) => info.stream_sequence,
+    let (seq, published_ms) = match message.info() {
+        Ok(info) => (
+            info.stream_sequence,
+            Some((info.published.unix_timestamp_nanos() / 1_000_000) as i64),
+        ),
         Err(error) => {
             tracing::warn!(%error, "Message without JetStream metadata skipped.");
             return None;
@@ -99,6 +105,7 @@ fn delivery(message: jetstream::Message, keep: bool) -> Option<Delivery> {
         seq,
         subject: message.subject.to_string(),
         payload: message.payload.clone(),
+        published_ms,
         message: keep.then_some(message),
     })
 }
@@ -285,4 +292,40 @@ where
         }
     }
     Ok(last)
+}
+
+/// The sequence of the first message stored at or after `time` (unix
+/// milliseconds), or `None` when every message is older. Read-only.
+pub async fn first_seq_at_or_after(
+    stream: &JsStream,
+    time_ms: i64,
+) -> Result<Option<u64>, ConsumeError> {
+    let start_time =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(time_ms) * 1_000_000)
+            .map_err(|e| ConsumeError::Replay(e.to_string()))?;
+    let info = stream.get_info().await?;
+    if info.state.messages == 0 {
+        return Ok(None);
+    }
+    // An ephemeral consumer without acks, gone a few seconds after use.
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ConsumeError::Replay(e.to_string()))?;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .map_err(|e| ConsumeError::Replay(e.to_string()))?;
+    match batch.next().await {
+        Some(Ok(message)) => Ok(message.info().ok().map(|i| i.stream_sequence)),
+        _ => Ok(None),
+    }
 }

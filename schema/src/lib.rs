@@ -13,6 +13,7 @@
 //!   caddy-docker-proxy's merge, sort and marshalling.
 //! - [`template`], [`labels`]: caddy-docker-proxy's label grammar and the
 //!   `{{upstreams}}` template.
+//! - [`routes`]: route tables, their differences, and explanations for people.
 //! - [`translate`]: container facts → one merged Caddyfile, with upstreams
 //!   resolved from the facts and bad containers left out.
 
@@ -20,6 +21,7 @@ pub mod caddyfile;
 pub mod event;
 pub mod labels;
 pub mod lexer;
+pub mod routes;
 pub mod state;
 pub mod subject;
 pub mod template;

@@ -165,7 +165,19 @@ struct FactsUpstreams<'a> {
 impl Upstreams for FactsUpstreams<'_> {
     fn resolve(&self, port: Option<u16>) -> Result<Vec<String>, String> {
         let facts = self.facts;
-        let tcp = facts.ports.iter().filter(|p| p.protocol == "tcp");
+        // Docker may publish a port twice, on IPv4 and IPv6, even on
+        // different host ports; only the bindings of the host address's
+        // family are reachable at it (a DNS name counts as IPv4).
+        let v6_host = facts.host_address.parse::<std::net::Ipv6Addr>().is_ok();
+        let is_v6 = |ip: &str| ip.contains(':');
+        let tcp_all: Vec<&crate::event::PortBinding> =
+            facts.ports.iter().filter(|p| p.protocol == "tcp").collect();
+        let family: Vec<&crate::event::PortBinding> = tcp_all
+            .iter()
+            .copied()
+            .filter(|p| is_v6(&p.host_ip) == v6_host)
+            .collect();
+        let tcp = if family.is_empty() { tcp_all } else { family }.into_iter();
         if let Some(ip) = self.network {
             return Ok(vec![match port {
                 Some(port) => format!("{ip}:{port}"),
@@ -198,9 +210,14 @@ impl Upstreams for FactsUpstreams<'_> {
                 facts.name
             ));
         }
+        let host = if v6_host {
+            format!("[{}]", facts.host_address)
+        } else {
+            facts.host_address.clone()
+        };
         Ok(host_ports
             .iter()
-            .map(|host_port| format!("{}:{host_port}", facts.host_address))
+            .map(|host_port| format!("{host}:{host_port}"))
             .collect())
     }
 }
@@ -302,6 +319,57 @@ mod tests {
         assert_eq!(
             t.rejected[0].error.to_string(),
             "label caddy.reverse_proxy: no published port for 80/tcp on container bad"
+        );
+    }
+
+    #[test]
+    fn only_bindings_of_the_host_address_family_are_used() {
+        let mut f = facts("a1", "web", &[], &[]);
+        f.ports = vec![
+            PortBinding {
+                container_port: 80,
+                protocol: "tcp".into(),
+                host_ip: "0.0.0.0".into(),
+                host_port: 33296,
+            },
+            PortBinding {
+                container_port: 80,
+                protocol: "tcp".into(),
+                host_ip: "::".into(),
+                host_port: 33297,
+            },
+        ];
+        f.host_address = "10.0.0.2".into();
+        assert_eq!(
+            FactsUpstreams {
+                facts: &f,
+                network: None
+            }
+            .resolve(Some(80))
+            .unwrap(),
+            ["10.0.0.2:33296"]
+        );
+        f.host_address = "fd00::2".into();
+        assert_eq!(
+            FactsUpstreams {
+                facts: &f,
+                network: None
+            }
+            .resolve(Some(80))
+            .unwrap(),
+            ["[fd00::2]:33297"]
+        );
+        f.ports.remove(0);
+        f.host_address = "10.0.0.2".into();
+        assert_eq!(
+            FactsUpstreams {
+                facts: &f,
+                network: None
+            }
+            .resolve(Some(80))
+            .unwrap(),
+            ["10.0.0.2:33297"],
+            "falls back to what there is"
         );
     }
 

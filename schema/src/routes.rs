@@ -1,0 +1,294 @@
+//! Route tables derived from the state, for people: what routes where, the
+//! difference between two points of the log, and why a domain routes (or
+//! does not route) to a container. Pure, like the rest of this crate.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::caddyfile::Block;
+use crate::state::RouteState;
+use crate::translate::{translate_units, TranslateOptions};
+
+/// One site of the generated config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteRow {
+    /// The site's addresses, as written in the labels.
+    pub site: String,
+    /// The upstreams of its `reverse_proxy` lines.
+    pub upstreams: Vec<String>,
+    /// The containers declaring it.
+    pub containers: Vec<RouteContainer>,
+}
+
+/// A container behind a route.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct RouteContainer {
+    pub agent: String,
+    pub container: String,
+    pub container_id: String,
+    /// Stream sequence of the message its current facts came from.
+    pub since_seq: u64,
+}
+
+/// The `reverse_proxy` upstreams anywhere in a block.
+pub fn proxy_upstreams(block: &Block, out: &mut Vec<String>) {
+    if block.keys.first().map(String::as_str) == Some("reverse_proxy") {
+        let skip = match block.keys.get(1) {
+            Some(m) if m == "*" || m.starts_with('/') || m.starts_with('@') => 2,
+            _ => 1,
+        };
+        for upstream in block.keys.iter().skip(skip) {
+            if !out.contains(upstream) {
+                out.push(upstream.clone());
+            }
+        }
+    }
+    for child in &block.children {
+        proxy_upstreams(child, out);
+    }
+}
+
+/// The route table of `state`, by site.
+pub fn route_table(state: &RouteState, options: &TranslateOptions) -> Vec<RouteRow> {
+    let (units, _) = translate_units(state, options, &BTreeSet::new());
+    let seqs: BTreeMap<(&str, &str), u64> = state
+        .live_containers()
+        .map(|r| ((r.facts.agent.as_str(), r.facts.id.as_str()), r.seq))
+        .collect();
+    let mut rows: BTreeMap<String, RouteRow> = BTreeMap::new();
+    for unit in &units {
+        for site in unit
+            .file
+            .blocks
+            .iter()
+            .filter(|b| !b.is_global() && !b.is_snippet() && !b.is_matcher())
+        {
+            let key = site.keys.join(" ");
+            let row = rows.entry(key.clone()).or_insert_with(|| RouteRow {
+                site: key,
+                upstreams: Vec::new(),
+                containers: Vec::new(),
+            });
+            proxy_upstreams(site, &mut row.upstreams);
+            row.containers.push(RouteContainer {
+                agent: unit.agent.to_string(),
+                container: unit.container.clone(),
+                container_id: unit.container_id.clone(),
+                since_seq: seqs
+                    .get(&(unit.agent.as_str(), unit.container_id.as_str()))
+                    .copied()
+                    .unwrap_or(0),
+            });
+        }
+    }
+    rows.into_values().collect()
+}
+
+/// What changed between two route tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RouteDiff {
+    pub added: Vec<RouteRow>,
+    pub removed: Vec<RouteRow>,
+    /// (before, after) of sites whose upstreams or containers changed.
+    pub changed: Vec<(RouteRow, RouteRow)>,
+}
+
+/// The difference from `before` to `after`. A container whose facts were
+/// merely re-published (same upstreams, same containers) is no change.
+pub fn diff(before: &[RouteRow], after: &[RouteRow]) -> RouteDiff {
+    let index = |rows: &[RouteRow]| -> BTreeMap<String, RouteRow> {
+        rows.iter().map(|r| (r.site.clone(), r.clone())).collect()
+    };
+    let (b, a) = (index(before), index(after));
+    let ids = |r: &RouteRow| -> BTreeSet<(String, String)> {
+        r.containers
+            .iter()
+            .map(|c| (c.agent.clone(), c.container_id.clone()))
+            .collect()
+    };
+    let mut out = RouteDiff::default();
+    for (site, row) in &a {
+        match b.get(site) {
+            None => out.added.push(row.clone()),
+            Some(old) if old.upstreams != row.upstreams || ids(old) != ids(row) => {
+                out.changed.push((old.clone(), row.clone()))
+            }
+            Some(_) => {}
+        }
+    }
+    out.removed = b
+        .iter()
+        .filter(|(site, _)| !a.contains_key(*site))
+        .map(|(_, r)| r.clone())
+        .collect();
+    out
+}
+
+/// Why a container does or does not serve a domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExplainEntry {
+    pub agent: String,
+    pub container: String,
+    pub container_id: String,
+    /// Stream sequence of the message its facts came from.
+    pub seq: u64,
+    /// The upstreams it contributes (empty when left out).
+    pub upstreams: Vec<String>,
+    /// Why it is left out; `None` when it serves the domain.
+    pub left_out: Option<String>,
+}
+
+/// Every container whose labels name `domain` (as a site address, with or
+/// without scheme and port), included or left out, with the reason.
+pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> Vec<ExplainEntry> {
+    let names_domain = |addresses: &str| {
+        addresses.split_whitespace().any(|a| {
+            let host = a.split_once("://").map_or(a, |(_, rest)| rest);
+            let host = host.split(['/', ':']).next().unwrap_or(host);
+            host.eq_ignore_ascii_case(domain)
+        })
+    };
+    let mut entries = Vec::new();
+    for agent in state.agents.values() {
+        for record in agent.containers.values() {
+            let facts = &record.facts;
+            let declared = facts.labels.iter().any(|(k, v)| {
+                crate::labels::is_caddy_label(k, &options.label_prefix)
+                    && !k.contains('.')
+                    && names_domain(v)
+            });
+            if !declared {
+                continue;
+            }
+            let mut entry = ExplainEntry {
+                agent: facts.agent.to_string(),
+                container: facts.name.clone(),
+                container_id: facts.id.clone(),
+                seq: record.seq,
+                upstreams: Vec::new(),
+                left_out: None,
+            };
+            if !record.listed {
+                entry.left_out = Some("its agent's latest sync does not list it (removed while the publisher was away)".into());
+            } else if !facts.is_routable() {
+                entry.left_out = Some(
+                    format!(
+                        "not routable: state {:?}, health {:?}",
+                        facts.state, facts.health
+                    )
+                    .to_lowercase(),
+                );
+            } else {
+                match crate::translate::translate_container(facts, options) {
+                    Err(error) => entry.left_out = Some(format!("labels rejected: {error}")),
+                    Ok(file) => {
+                        for site in file
+                            .blocks
+                            .iter()
+                            .filter(|b| names_domain(&b.keys.join(" ")))
+                        {
+                            proxy_upstreams(site, &mut entry.upstreams);
+                        }
+                    }
+                }
+            }
+            entries.push(entry);
+        }
+    }
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ContainerDown, ContainerFacts, ContainerState, Event, Health, PortBinding};
+    use crate::AgentId;
+
+    fn up(agent: &str, id: &str, domain: &str, port: u16, state: ContainerState) -> Event {
+        Event::Up(ContainerFacts {
+            agent: AgentId::new(agent).unwrap(),
+            id: id.into(),
+            name: format!("n-{id}"),
+            host_address: format!("h-{agent}"),
+            labels: [
+                ("caddy".to_string(), format!("http://{domain}")),
+                (
+                    "caddy.reverse_proxy".to_string(),
+                    "{{upstreams 80}}".to_string(),
+                ),
+            ]
+            .into(),
+            ports: vec![PortBinding {
+                container_port: 80,
+                protocol: "tcp".into(),
+                host_ip: "0.0.0.0".into(),
+                host_port: port,
+            }],
+            networks: Default::default(),
+            state,
+            health: Health::None,
+            observed_at_ms: 0,
+        })
+    }
+
+    #[test]
+    fn tables_diffs_and_explanations() {
+        let opts = TranslateOptions::default();
+        let mut s = RouteState::default();
+        s.apply(1, &up("a1", "c1", "a.test", 8001, ContainerState::Running));
+        s.apply(2, &up("a2", "c2", "a.test", 8002, ContainerState::Running));
+        s.apply(3, &up("a1", "c3", "b.test", 0, ContainerState::Running));
+        let before = route_table(&s, &opts);
+        assert_eq!(before.len(), 1, "c3 publishes nothing on 80: {before:?}");
+        assert_eq!(before[0].upstreams, ["h-a1:8001", "h-a2:8002"]);
+        assert_eq!(before[0].containers[1].since_seq, 2);
+
+        s.apply(
+            4,
+            &Event::Down(ContainerDown {
+                agent: AgentId::new("a2").unwrap(),
+                id: "c2".into(),
+                observed_at_ms: 0,
+            }),
+        );
+        s.apply(5, &up("a1", "c4", "c.test", 8004, ContainerState::Running));
+        s.apply(6, &up("a1", "c5", "a.test", 8005, ContainerState::Exited));
+        let after = route_table(&s, &opts);
+        let d = diff(&before, &after);
+        assert_eq!(
+            d.added.iter().map(|r| r.site.as_str()).collect::<Vec<_>>(),
+            ["http://c.test"]
+        );
+        assert!(d.removed.is_empty());
+        assert_eq!(d.changed.len(), 1);
+        assert_eq!(d.changed[0].1.upstreams, ["h-a1:8001"]);
+
+        let why = explain(&s, &opts, "a.test");
+        assert_eq!(why.len(), 2, "{why:?}");
+        assert_eq!(
+            why.iter()
+                .find(|e| e.container_id == "c1")
+                .unwrap()
+                .upstreams,
+            ["h-a1:8001"]
+        );
+        assert!(why
+            .iter()
+            .find(|e| e.container_id == "c5")
+            .unwrap()
+            .left_out
+            .as_ref()
+            .unwrap()
+            .contains("exited"));
+        let why_b = explain(&s, &opts, "b.test");
+        assert!(
+            why_b[0]
+                .left_out
+                .as_ref()
+                .unwrap()
+                .contains("no published port for 80/tcp"),
+            "{why_b:?}"
+        );
+    }
+}

@@ -1,0 +1,358 @@
+//! The debugging commands over a known history on real NATS, with a live
+//! applier and Caddy next to them: answers at several points (before and
+//! after a checkpoint), `replay --at now` equal to the live state, and no
+//! trace left on the applier's consumer or on Caddy.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use caddy_fleet::history::{
+    diff_between, explain_at, history, routes_at, HistoryFilter, LogReader, Point,
+};
+use caddy_fleet::nats::async_nats::jetstream;
+use caddy_fleet::nats::{ensure_stream, EventPublisher, StreamSettings};
+use caddy_fleet::schema::translate::TranslateOptions;
+use caddy_fleet::schema::{
+    AgentId, AgentSync, ContainerDown, ContainerFacts, ContainerState, Event, Health, Heartbeat,
+    PortBinding,
+};
+use support::*;
+
+fn up(agent: &str, id: &str, domain: &str, port: u16, state: ContainerState) -> Event {
+    Event::Up(ContainerFacts {
+        agent: AgentId::new(agent).unwrap(),
+        id: id.into(),
+        name: format!("ctr-{id}"),
+        host_address: "127.0.0.1".into(),
+        labels: BTreeMap::from([
+            ("caddy".to_string(), format!("http://{domain}")),
+            (
+                "caddy.reverse_proxy".to_string(),
+                "{{upstreams 80}}".to_string(),
+            ),
+        ]),
+        ports: vec![PortBinding {
+            container_port: 80,
+            protocol: "tcp".into(),
+            host_ip: "0.0.0.0".into(),
+            host_port: port,
+        }],
+        networks: Default::default(),
+        state,
+        health: Health::None,
+        observed_at_ms: 0,
+    })
+}
+
+struct Log {
+    js: jetstream::Context,
+    publishers: BTreeMap<String, EventPublisher>,
+}
+
+impl Log {
+    async fn send(&mut self, event: Event) -> u64 {
+        let agent = event.agent().clone();
+        let publisher = self
+            .publishers
+            .entry(agent.to_string())
+            .or_insert_with(|| EventPublisher::new(self.js.clone(), agent, "h"));
+        publisher.publish(&event).await.unwrap().sequence
+    }
+}
+
+fn sites(routes: &[caddy_fleet::schema::routes::RouteRow]) -> BTreeMap<String, Vec<String>> {
+    routes
+        .iter()
+        .map(|r| (r.site.clone(), r.upstreams.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let (b1, b2) = tokio::join!(start_backend(&[], "one"), start_backend(&[], "two"));
+    let (p1, p2) = (
+        b1.get_host_port_ipv4(80).await.unwrap(),
+        b2.get_host_port_ipv4(80).await.unwrap(),
+    );
+    let js = jetstream::new(nats.client().await);
+    let stream = ensure_stream(&js, &StreamSettings::default())
+        .await
+        .unwrap();
+    let mut log = Log {
+        js: js.clone(),
+        publishers: BTreeMap::new(),
+    };
+    let (applier, board) = start_applier_with(&nats, &caddy, "live", |c| {
+        c.checkpoint_every = 3;
+        c.checkpoint_interval = Duration::from_millis(300);
+    });
+
+    // Point A: web on a1 and a2 (one site, two upstreams), api on a1.
+    log.send(up("a1", "w1", "web.test", p1, ContainerState::Running))
+        .await;
+    log.send(up("a2", "w2", "web.test", p2, ContainerState::Running))
+        .await;
+    log.send(Event::Heartbeat(Heartbeat {
+        agent: AgentId::new("a2").unwrap(),
+        sent_at_ms: 1,
+    }))
+    .await;
+    let a = log
+        .send(up("a1", "api", "api.test", p1, ContainerState::Running))
+        .await;
+    // Point B: api stops, w2 moves to another port, a new site appears.
+    log.send(up("a1", "api", "api.test", p1, ContainerState::Exited))
+        .await;
+    log.send(up("a2", "w2", "web.test", p1, ContainerState::Running))
+        .await;
+    let b = log
+        .send(up("a2", "shop", "shop.test", p2, ContainerState::Running))
+        .await;
+    // The applier checkpoints everything so far.
+    wait_for("a checkpoint at B", Duration::from_secs(10), || async {
+        (board.view().last_seq >= b && board.stats.snapshot().checkpoints > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    applier.stop().await;
+    // Point C, after the checkpoint: a2 goes quiet (its containers stop
+    // being listed), then returns with a sync; api is removed.
+    log.send(Event::Sync(AgentSync {
+        agent: AgentId::new("a2").unwrap(),
+        host_address: "127.0.0.1".into(),
+        containers: vec![],
+        observed_at_ms: 0,
+    }))
+    .await;
+    let quiet = log
+        .send(Event::Down(ContainerDown {
+            agent: AgentId::new("a1").unwrap(),
+            id: "api".into(),
+            observed_at_ms: 0,
+        }))
+        .await;
+    let c = log
+        .send(Event::Sync(AgentSync {
+            agent: AgentId::new("a2").unwrap(),
+            host_address: "127.0.0.1".into(),
+            containers: vec!["w2".into(), "shop".into()],
+            observed_at_ms: 0,
+        }))
+        .await;
+
+    let reader = LogReader::open(
+        &nats.config(),
+        Some("live".into()),
+        TranslateOptions::default(),
+    )
+    .await
+    .unwrap();
+    let up1 = format!("127.0.0.1:{p1}");
+    let up2 = format!("127.0.0.1:{p2}");
+    // Routes at A, B (before the checkpoint's end) and C (after it).
+    let at_a = routes_at(&reader, Point::Seq(a)).await.unwrap();
+    assert_eq!(
+        sites(&at_a.routes),
+        BTreeMap::from([
+            ("http://api.test".into(), vec![up1.clone()]),
+            ("http://web.test".into(), vec![up1.clone(), up2.clone()]),
+        ])
+    );
+    assert!(
+        at_a.since.len() >= 2,
+        "times of the facts: {:?}",
+        at_a.since
+    );
+    let at_b = routes_at(&reader, Point::Seq(b)).await.unwrap();
+    assert_eq!(
+        sites(&at_b.routes),
+        BTreeMap::from([
+            ("http://shop.test".into(), vec![up2.clone()]),
+            ("http://web.test".into(), vec![up1.clone()]),
+        ])
+    );
+    let at_quiet = routes_at(&reader, Point::Seq(quiet)).await.unwrap();
+    assert_eq!(
+        sites(&at_quiet.routes),
+        BTreeMap::from([("http://web.test".into(), vec![up1.clone()])]),
+        "a2 unlisted"
+    );
+    let at_c = routes_at(&reader, Point::Seq(c)).await.unwrap();
+    assert_eq!(sites(&at_c.routes), sites(&at_b.routes));
+
+    // Diff A → B.
+    let (_, _, d) = diff_between(&reader, Point::Seq(a), Point::Seq(b))
+        .await
+        .unwrap();
+    assert_eq!(
+        d.added.iter().map(|r| r.site.as_str()).collect::<Vec<_>>(),
+        ["http://shop.test"]
+    );
+    assert_eq!(
+        d.removed
+            .iter()
+            .map(|r| r.site.as_str())
+            .collect::<Vec<_>>(),
+        ["http://api.test"]
+    );
+    assert_eq!(d.changed.len(), 1);
+
+    // History of a domain and of an agent.
+    let web = history(
+        &reader,
+        &HistoryFilter {
+            domain: Some("web.test".into()),
+            ..Default::default()
+        },
+        Point::Seq(0),
+        Point::Seq(c),
+    )
+    .await
+    .unwrap();
+    let changes: Vec<&str> = web.iter().map(|l| l.change.as_str()).collect();
+    assert_eq!(changes.len(), 5, "{web:?}");
+    assert!(changes[0].starts_with("up (running)"), "{changes:?}");
+    assert_eq!(changes[2], format!("ports 80→{p2} → 80→{p1}"));
+    assert!(
+        changes[3].contains("no longer listed: ctr-w2"),
+        "{changes:?}"
+    );
+    let a2 = history(
+        &reader,
+        &HistoryFilter {
+            agent: Some("a2".into()),
+            ..Default::default()
+        },
+        Point::Seq(b),
+        Point::Seq(c),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        a2.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        [b + 1, c],
+        "{a2:?}"
+    );
+    assert!(a2.iter().all(|l| l.time.is_some()));
+
+    // Explain a site with one container left out.
+    let (_, why) = explain_at(&reader, "api.test", Point::Seq(b))
+        .await
+        .unwrap();
+    assert_eq!(why.len(), 1);
+    assert!(
+        why[0].left_out.as_deref().unwrap().contains("exited"),
+        "{why:?}"
+    );
+    let (_, why) = explain_at(&reader, "web.test", Point::Seq(a))
+        .await
+        .unwrap();
+    assert!(why.iter().all(|e| e.left_out.is_none()) && why.len() == 2);
+    assert!(explain_at(&reader, "nowhere.test", Point::Seq(c))
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("no container in the log names nowhere.test"));
+    assert!("yesterday".parse::<Point>().is_err());
+
+    // replay --at now equals a live applier's state, and the commands touch nothing.
+    let (applier, board) = start_applier(&nats, &caddy, "live");
+    wait_for(
+        "the live applier to converge",
+        Duration::from_secs(15),
+        || async {
+            let view = board.view();
+            (view.converged && view.last_seq >= c).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let consumer: jetstream::consumer::PullConsumer = stream.get_consumer("live").await.unwrap();
+    let before = consumer.get_info().await.unwrap();
+    let caddy_before = caddy.config().await.unwrap();
+
+    let now = routes_at(&reader, Point::Time(i64::MAX / 2)).await.unwrap();
+    assert_eq!(
+        now.routes,
+        board.view().routes,
+        "replay --at now must equal the applier's live routes"
+    );
+    let base = std::env::temp_dir().join(format!("caddy-fleet-history-{}", unique()));
+    std::fs::write(&base, caddy.base_caddyfile()).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+            .args(args)
+            .env("NATS_URL", &nats.url)
+            .env("APPLIER_NAME", "live")
+            .env("CADDY_API_URL", caddy.admin_url())
+            .env("CADDY_BASE_CADDYFILE", &base)
+            .env("STATUS_LISTEN", "127.0.0.1:1")
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json = cli(&["replay", "--at", "now", "--format", "json"]);
+    let replayed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        replayed["apps"], caddy_before["apps"],
+        "replay --format json must equal what Caddy runs"
+    );
+    let table = cli(&["routes"]);
+    assert!(
+        table.contains("http://web.test") && table.contains("ctr-w1"),
+        "{table}"
+    );
+    let history_text = cli(&["history", "--domain", "web.test"]);
+    assert!(
+        history_text.contains("no longer listed: ctr-w2"),
+        "{history_text}"
+    );
+    let diff_text = cli(&["diff", "--from", &a.to_string(), "--to", &b.to_string()]);
+    assert!(
+        diff_text.contains("+ http://shop.test") && diff_text.contains("- http://api.test"),
+        "{diff_text}"
+    );
+    let explain_json = cli(&["explain", "web.test", "--json"]);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&explain_json)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    );
+    let caddyfile = cli(&["replay", "--at", &c.to_string(), "--format", "caddyfile"]);
+    assert!(
+        caddyfile.contains("http://shop.test {")
+            && caddyfile.contains(&format!("admin 127.0.0.1:{}", caddy.admin_port)),
+        "{caddyfile}"
+    );
+    let _ = std::fs::remove_file(&base);
+
+    let after = consumer.get_info().await.unwrap();
+    assert_eq!(
+        (
+            before.delivered.stream_sequence,
+            before.ack_floor.stream_sequence
+        ),
+        (
+            after.delivered.stream_sequence,
+            after.ack_floor.stream_sequence
+        )
+    );
+    assert_eq!(
+        caddy.config().await.unwrap(),
+        caddy_before,
+        "Caddy's config must be untouched"
+    );
+    applier.stop().await;
+}
