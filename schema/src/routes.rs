@@ -219,12 +219,16 @@ mod tests {
                 ),
             ]
             .into(),
-            ports: vec![PortBinding {
-                container_port: 80,
-                protocol: "tcp".into(),
-                host_ip: "0.0.0.0".into(),
-                host_port: port,
-            }],
+            // Port 0 stands for "publishes nothing".
+            ports: (port != 0)
+                .then(|| PortBinding {
+                    container_port: 80,
+                    protocol: "tcp".into(),
+                    host_ip: "0.0.0.0".into(),
+                    host_port: port,
+                })
+                .into_iter()
+                .collect(),
             networks: Default::default(),
             state,
             health: Health::None,
