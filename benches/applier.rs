@@ -15,59 +15,20 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use caddy_fleet::nats::async_nats::jetstream::{self, message::PublishMessage};
+use caddy_fleet::nats::async_nats::jetstream;
 use caddy_fleet::nats::{ensure_stream, StreamSettings};
-use caddy_fleet::schema::{AgentId, ContainerFacts, ContainerState, Event, Health, PortBinding};
+use caddy_fleet::schema::{ContainerState, Event};
 use support::*;
 
-fn up(i: usize, port: u16, generation: u64) -> Event {
-    Event::Up(ContainerFacts {
-        agent: AgentId::new("bench").unwrap(),
-        id: format!("c{i}"),
-        name: format!("ctr{i}"),
-        host_address: "127.0.0.1".into(),
-        labels: [
-            ("caddy".to_string(), format!("http://r{i}.bench.test")),
-            (
-                "caddy.reverse_proxy".to_string(),
-                "{{upstreams 80}}".to_string(),
-            ),
-        ]
-        .into(),
-        ports: vec![PortBinding {
-            container_port: 80,
-            protocol: "tcp".into(),
-            host_ip: "0.0.0.0".into(),
-            host_port: port,
-        }],
-        networks: Default::default(),
-        state: ContainerState::Running,
-        health: Health::None,
-        observed_at_ms: generation,
-    })
-}
-
-/// Publishes with message IDs, awaiting acks in batches of 1,000.
-async fn publish(js: &jetstream::Context, events: impl Iterator<Item = Event>, run: &str) {
-    let mut acks = Vec::new();
-    for (n, event) in events.enumerate() {
-        let message = PublishMessage::build()
-            .payload(event.encode().into())
-            .message_id(format!("bench.{run}.{n}"));
-        acks.push(std::future::IntoFuture::into_future(
-            js.send_publish(event.subject(), message)
-                .await
-                .expect("publish"),
-        ));
-        if acks.len() == 1000 {
-            for ack in futures::future::join_all(acks.drain(..)).await {
-                ack.expect("ack");
-            }
-        }
-    }
-    for ack in futures::future::join_all(acks).await {
-        ack.expect("ack");
-    }
+fn up(i: usize, port: u16) -> Event {
+    synthetic_up(
+        "bench",
+        &format!("c{i}"),
+        &format!("r{i}.bench.test"),
+        "127.0.0.1",
+        Some(port),
+        ContainerState::Running,
+    )
 }
 
 struct ApplierProcess {
@@ -96,15 +57,7 @@ impl ApplierProcess {
     }
 
     fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        kb / 1024.0
+        rss_mib(self.child.id())
     }
 
     /// Waits until the applier folded up to `seq` and Caddy runs the result.
@@ -155,7 +108,7 @@ async fn bench() {
     std::fs::write(&base, caddy.base_caddyfile()).unwrap();
 
     // 1,000 routes live.
-    publish(&js, (0..1000).map(|i| up(i, port, 0)), "a").await;
+    publish_batched(&js, (0..1000).map(|i| up(i, port)), "a").await;
     let applier = ApplierProcess::start(&nats, &caddy, "bench", &base);
     let last = stream.info().await.unwrap().state.last_sequence;
     applier.caught_up(last, Duration::from_secs(60)).await;
@@ -166,7 +119,7 @@ async fn bench() {
     for k in 0..10 {
         let i = 100_000 + k;
         let started = Instant::now();
-        publish(&js, std::iter::once(up(i, port, 0)), &format!("one{k}")).await;
+        publish_batched(&js, std::iter::once(up(i, port)), &format!("one{k}")).await;
         let host = format!("r{i}.bench.test");
         loop {
             if let Some((200, body)) = caddy.get(&host).await {
@@ -201,7 +154,7 @@ async fn bench() {
     }
 
     // 10,000 routes.
-    publish(&js, (1000..10_000).map(|i| up(i, port, 0)), "b").await;
+    publish_batched(&js, (1000..10_000).map(|i| up(i, port)), "b").await;
     let last = stream.info().await.unwrap().state.last_sequence;
     let to_10k = applier.caught_up(last, Duration::from_secs(300)).await;
     let rss_10k = applier.rss_mib();
@@ -219,9 +172,9 @@ async fn bench() {
         .to_string();
 
     // 100,000+ events: every container changes nine more times.
-    publish(
+    publish_batched(
         &js,
-        (1..10u64).flat_map(|g| (0..10_000).map(move |i| up(i, port, g))),
+        (1..10).flat_map(|_| (0..10_000).map(|i| up(i, port))),
         "c",
     )
     .await;
@@ -261,10 +214,5 @@ async fn bench() {
 }
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(bench());
+    bench_main(bench());
 }

@@ -14,39 +14,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use support::*;
-use testcontainers::bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
 
 const COUNT: usize = 200;
-
-/// Removes the benchmark's containers when dropped.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=caddy-fleet-bench={}", self.0),
-            ])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        for chunk in out.chunks(50) {
-            let _ = Command::new("docker")
-                .arg("rm")
-                .arg("-f")
-                .args(chunk)
-                .output();
-        }
-    }
-}
 
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -64,53 +33,21 @@ fn cpu_ticks(pid: u32) -> u64 {
             .unwrap_or(0)
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-fn container(id: &str, i: usize) -> ContainerCreateBody {
-    ContainerCreateBody {
-        image: Some(format!("{}:{}", WHOAMI_IMAGE.0, WHOAMI_IMAGE.1)),
-        cmd: Some(vec![format!("pub-{i}")]),
-        exposed_ports: Some(vec!["80/tcp".to_string()]),
-        labels: Some(
-            [
-                ("caddy".to_string(), format!("http://p{i}.{id}.test")),
-                (
-                    "caddy.reverse_proxy".to_string(),
-                    "{{upstreams 80}}".to_string(),
-                ),
-                ("caddy-fleet-bench".to_string(), id.to_string()),
-            ]
-            .into(),
+fn container(id: &str, i: usize) -> testcontainers::bollard::models::ContainerCreateBody {
+    let labels = vec![
+        ("caddy".to_string(), format!("http://p{i}.{id}.test")),
+        (
+            "caddy.reverse_proxy".to_string(),
+            "{{upstreams 80}}".to_string(),
         ),
-        host_config: Some(HostConfig {
-            port_bindings: Some(
-                [(
-                    "80/tcp".to_string(),
-                    Some(vec![PortBinding {
-                        host_ip: Some("127.0.0.1".into()),
-                        host_port: Some(String::new()),
-                    }]),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+        ("caddy-fleet-bench".to_string(), id.to_string()),
+    ];
+    whoami_body(labels, &format!("pub-{i}"))
 }
 
 async fn bench() {
     let id = unique();
-    let _cleanup = Cleanup(id.clone());
+    let _cleanup = LabelCleanup(format!("caddy-fleet-bench={id}"));
     let nats = Nats::start().await;
     let client = nats.client().await;
     let js = caddy_fleet::nats::async_nats::jetstream::new(client.clone());
@@ -216,10 +153,5 @@ async fn bench() {
 }
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(bench());
+    bench_main(bench());
 }

@@ -10,44 +10,30 @@ use std::time::Instant;
 
 use caddy_fleet::applier::{CheckpointStore, ObjectStoreCheckpoints};
 use caddy_fleet::history::LogReader;
-use caddy_fleet::nats::async_nats::jetstream::{self, message::PublishMessage};
+use caddy_fleet::nats::async_nats::jetstream;
 use caddy_fleet::nats::{ensure_stream, StreamSettings};
 use caddy_fleet::schema::translate::TranslateOptions;
-use caddy_fleet::schema::{AgentId, ContainerFacts, ContainerState, Event, Health, PortBinding};
+use caddy_fleet::schema::{ContainerState, Event};
 use support::*;
 
 const CONTAINERS: usize = 10_000;
 const GENERATIONS: usize = 100;
 
 fn up(i: usize, generation: usize) -> Event {
-    Event::Up(ContainerFacts {
-        agent: AgentId::new(format!("agent{}", i % 10)).unwrap(),
-        id: format!("c{i}"),
-        name: format!("ctr{i}"),
-        host_address: "10.0.0.1".into(),
-        labels: [
-            ("caddy".to_string(), format!("http://r{i}.replay.test")),
-            (
-                "caddy.reverse_proxy".to_string(),
-                "{{upstreams 80}}".to_string(),
-            ),
-        ]
-        .into(),
-        ports: vec![PortBinding {
-            container_port: 80,
-            protocol: "tcp".into(),
-            host_ip: "0.0.0.0".into(),
-            host_port: 20000 + (generation as u16),
-        }],
-        networks: Default::default(),
-        state: if generation % 7 == 3 {
-            ContainerState::Exited
-        } else {
-            ContainerState::Running
-        },
-        health: Health::None,
-        observed_at_ms: generation as u64,
-    })
+    let state = if generation % 7 == 3 {
+        ContainerState::Exited
+    } else {
+        ContainerState::Running
+    };
+    let port = 20_000 + generation as u16;
+    synthetic_up(
+        &format!("agent{}", i % 10),
+        &format!("c{i}"),
+        &format!("r{i}.replay.test"),
+        "10.0.0.1",
+        Some(port),
+        state,
+    )
 }
 
 async fn bench() {
@@ -57,26 +43,12 @@ async fn bench() {
         .await
         .unwrap();
     let started = Instant::now();
-    let mut acks = Vec::new();
-    for g in 0..GENERATIONS {
-        for i in 0..CONTAINERS {
-            let event = up(i, g);
-            let message = PublishMessage::build()
-                .payload(event.encode().into())
-                .message_id(format!("r.{g}.{i}"));
-            acks.push(std::future::IntoFuture::into_future(
-                js.send_publish(event.subject(), message).await.unwrap(),
-            ));
-            if acks.len() == 2000 {
-                for ack in futures::future::join_all(acks.drain(..)).await {
-                    ack.unwrap();
-                }
-            }
-        }
-    }
-    for ack in futures::future::join_all(acks).await {
-        ack.unwrap();
-    }
+    publish_batched(
+        &js,
+        (0..GENERATIONS).flat_map(|g| (0..CONTAINERS).map(move |i| up(i, g))),
+        "r",
+    )
+    .await;
     let info = stream.info().await.unwrap().clone();
     let last = info.state.last_sequence;
     println!(
@@ -125,10 +97,5 @@ async fn bench() {
 }
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(bench());
+    bench_main(bench());
 }

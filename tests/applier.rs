@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use caddy_fleet::nats::async_nats::jetstream;
 use caddy_fleet::nats::{ensure_stream, EventPublisher, StreamSettings};
 use caddy_fleet::schema::{
-    AgentId, AgentSync, ContainerDown, ContainerFacts, ContainerState, Event, Health, Heartbeat,
-    PortBinding, RouteState,
+    AgentId, AgentSync, ContainerDown, ContainerState, Event, Heartbeat, RouteState,
 };
 use support::*;
 
@@ -46,36 +45,20 @@ impl EventScript {
                 let pick = self.next_random() as usize;
                 let port = self.ports[pick % self.ports.len()];
                 let running = !self.next_random().is_multiple_of(5);
-                Event::Up(ContainerFacts {
-                    agent,
-                    id: format!("c{c}"),
-                    name: format!("ctr{c}"),
-                    host_address: "127.0.0.1".into(),
-                    labels: BTreeMap::from([
-                        (
-                            "caddy".to_string(),
-                            format!("http://d{c}.{}.test", self.tag),
-                        ),
-                        (
-                            "caddy.reverse_proxy".to_string(),
-                            "{{upstreams 80}}".to_string(),
-                        ),
-                    ]),
-                    ports: vec![PortBinding {
-                        container_port: 80,
-                        protocol: "tcp".into(),
-                        host_ip: "0.0.0.0".into(),
-                        host_port: port,
-                    }],
-                    networks: BTreeMap::new(),
-                    state: if running {
-                        ContainerState::Running
-                    } else {
-                        ContainerState::Exited
-                    },
-                    health: Health::None,
-                    observed_at_ms: 0,
-                })
+                let state = if running {
+                    ContainerState::Running
+                } else {
+                    ContainerState::Exited
+                };
+                let domain = format!("d{c}.{}.test", self.tag);
+                synthetic_up(
+                    agent.as_str(),
+                    &format!("c{c}"),
+                    &domain,
+                    "127.0.0.1",
+                    Some(port),
+                    state,
+                )
             }
             60..=74 => Event::Down(ContainerDown {
                 agent,
@@ -196,18 +179,17 @@ async fn kill_mid_stream(tune: fn(&mut caddy_fleet::applier::ApplierConfig)) {
     }
     // A last burst of containers never seen before, killed right away:
     // folded but not yet checkpointed, so only recovery can save them.
-    script.containers = 100;
+    let port = script.ports[0];
     let fresh: Vec<Event> = (60..100)
-        .map(|c| loop {
-            if let Event::Up(mut facts) = script.event() {
-                facts.id = format!("c{c}");
-                facts.name = format!("ctr{c}");
-                facts.state = ContainerState::Running;
-                facts
-                    .labels
-                    .insert("caddy".into(), format!("http://d{c}.{tag}.test"));
-                break Event::Up(facts);
-            }
+        .map(|c| {
+            synthetic_up(
+                "agent0",
+                &format!("c{c}"),
+                &format!("d{c}.{tag}.test"),
+                "127.0.0.1",
+                Some(port),
+                ContainerState::Running,
+            )
         })
         .collect();
     publish_all(&js, &fresh, &mut reference, "fresh").await;
@@ -391,47 +373,13 @@ async fn a_container_caddy_refuses_is_isolated_and_shown_in_status() {
     applier.stop().await;
 }
 
-/// Removes every container labeled `caddy-fleet-burst=<id>` when dropped,
-/// also when the test fails.
-struct BurstCleanup(String);
-
-impl Drop for BurstCleanup {
-    fn drop(&mut self) {
-        let ids = std::process::Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=caddy-fleet-burst={}", self.0),
-            ])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        for chunk in ids.chunks(50) {
-            let _ = std::process::Command::new("docker")
-                .arg("rm")
-                .arg("-f")
-                .args(chunk)
-                .output();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_300_containers_is_few_pushes_and_all_routes_served() {
     use futures::StreamExt;
-    use testcontainers::bollard::models::{
-        ContainerCreateBody, HostConfig, PortBinding as DockerPortBinding,
-    };
 
     const COUNT: usize = 300;
     let id = unique();
-    let _cleanup = BurstCleanup(id.clone());
+    let _cleanup = LabelCleanup(format!("caddy-fleet-burst={id}"));
     let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
     // Docker 20.10 here starts about 3-5 containers a second, so "300 at
     // once" is a burst of well over a minute with events every fraction of
@@ -448,37 +396,16 @@ async fn a_burst_of_300_containers_is_few_pushes_and_all_routes_served() {
         .unwrap();
     let mut names = Vec::new();
     for i in 0..COUNT {
-        let body = ContainerCreateBody {
-            image: Some(format!("{}:{}", WHOAMI_IMAGE.0, WHOAMI_IMAGE.1)),
-            cmd: Some(vec![format!("burst-{i}")]),
-            exposed_ports: Some(vec!["80/tcp".to_string()]),
-            labels: Some(
-                [
-                    ("caddy".to_string(), format!("http://b{i}.{id}.test")),
-                    (
-                        "caddy.reverse_proxy".to_string(),
-                        "{{upstreams 80}}".to_string(),
-                    ),
-                    ("caddy-fleet-test".to_string(), id.clone()),
-                    ("caddy-fleet-burst".to_string(), id.clone()),
-                ]
-                .into(),
+        let labels = vec![
+            ("caddy".to_string(), format!("http://b{i}.{id}.test")),
+            (
+                "caddy.reverse_proxy".to_string(),
+                "{{upstreams 80}}".to_string(),
             ),
-            host_config: Some(HostConfig {
-                port_bindings: Some(
-                    [(
-                        "80/tcp".to_string(),
-                        Some(vec![DockerPortBinding {
-                            host_ip: Some("127.0.0.1".into()),
-                            host_port: Some(String::new()),
-                        }]),
-                    )]
-                    .into(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+            ("caddy-fleet-test".to_string(), id.clone()),
+            ("caddy-fleet-burst".to_string(), id.clone()),
+        ];
+        let body = whoami_body(labels, &format!("burst-{i}"));
         let created = docker
             .create_container(None, body)
             .await

@@ -14,36 +14,11 @@ use caddy_fleet::history::{
 use caddy_fleet::nats::async_nats::jetstream;
 use caddy_fleet::nats::{ensure_stream, EventPublisher, StreamSettings};
 use caddy_fleet::schema::translate::TranslateOptions;
-use caddy_fleet::schema::{
-    AgentId, AgentSync, ContainerDown, ContainerFacts, ContainerState, Event, Health, Heartbeat,
-    PortBinding,
-};
+use caddy_fleet::schema::{AgentId, AgentSync, ContainerDown, ContainerState, Event, Heartbeat};
 use support::*;
 
 fn up(agent: &str, id: &str, domain: &str, port: u16, state: ContainerState) -> Event {
-    Event::Up(ContainerFacts {
-        agent: AgentId::new(agent).unwrap(),
-        id: id.into(),
-        name: format!("ctr-{id}"),
-        host_address: "127.0.0.1".into(),
-        labels: BTreeMap::from([
-            ("caddy".to_string(), format!("http://{domain}")),
-            (
-                "caddy.reverse_proxy".to_string(),
-                "{{upstreams 80}}".to_string(),
-            ),
-        ]),
-        ports: vec![PortBinding {
-            container_port: 80,
-            protocol: "tcp".into(),
-            host_ip: "0.0.0.0".into(),
-            host_port: port,
-        }],
-        networks: Default::default(),
-        state,
-        health: Health::None,
-        observed_at_ms: 0,
-    })
+    synthetic_up(agent, id, domain, "127.0.0.1", Some(port), state)
 }
 
 struct Log {

@@ -429,3 +429,145 @@ pub async fn get_json(url: &str) -> Option<serde_json::Value> {
     let client = reqwest::Client::builder().no_proxy().build().ok()?;
     client.get(url).send().await.ok()?.json().await.ok()
 }
+
+/// Facts of a synthetic container on `agent` serving `http://<domain>` on
+/// container port 80, published at `host:<port>` (no port: publishes
+/// nothing). For tests and benchmarks that drive the applier directly.
+pub fn synthetic_up(
+    agent: &str,
+    id: &str,
+    domain: &str,
+    host: &str,
+    port: Option<u16>,
+    state: caddy_fleet::schema::ContainerState,
+) -> caddy_fleet::schema::Event {
+    use caddy_fleet::schema::{ContainerFacts, Event, Health, PortBinding};
+    Event::Up(ContainerFacts {
+        agent: AgentId::new(agent).expect("agent id"),
+        id: id.into(),
+        name: format!("ctr-{id}"),
+        host_address: host.into(),
+        labels: [
+            ("caddy".to_string(), format!("http://{domain}")),
+            (
+                "caddy.reverse_proxy".to_string(),
+                "{{upstreams 80}}".to_string(),
+            ),
+        ]
+        .into(),
+        ports: port
+            .map(|host_port| PortBinding {
+                container_port: 80,
+                protocol: "tcp".into(),
+                host_ip: "0.0.0.0".into(),
+                host_port,
+            })
+            .into_iter()
+            .collect(),
+        networks: Default::default(),
+        state,
+        health: Health::None,
+        observed_at_ms: 0,
+    })
+}
+
+/// Publishes `events` with message IDs `<run>.<n>`, awaiting acks in
+/// batches of 1,000 (never more in flight than async-nats allows).
+pub async fn publish_batched(
+    js: &caddy_fleet::nats::async_nats::jetstream::Context,
+    events: impl Iterator<Item = caddy_fleet::schema::Event>,
+    run: &str,
+) {
+    use caddy_fleet::nats::async_nats::jetstream::message::PublishMessage;
+    let mut acks = Vec::new();
+    for (n, event) in events.enumerate() {
+        let message = PublishMessage::build()
+            .payload(event.encode().into())
+            .message_id(format!("{run}.{n}"));
+        let ack = js
+            .send_publish(event.subject(), message)
+            .await
+            .expect("publish");
+        acks.push(std::future::IntoFuture::into_future(ack));
+        if acks.len() == 1000 {
+            for ack in futures::future::join_all(acks.drain(..)).await {
+                ack.expect("ack");
+            }
+        }
+    }
+    for ack in futures::future::join_all(acks).await {
+        ack.expect("ack");
+    }
+}
+
+/// A whoami container (not started) answering `body`, with `labels`, port
+/// 80 published on a random port of 127.0.0.1.
+pub fn whoami_body(
+    labels: Vec<(String, String)>,
+    body: &str,
+) -> testcontainers::bollard::models::ContainerCreateBody {
+    use testcontainers::bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+    let binding = PortBinding {
+        host_ip: Some("127.0.0.1".into()),
+        host_port: Some(String::new()),
+    };
+    ContainerCreateBody {
+        image: Some(format!("{}:{}", WHOAMI_IMAGE.0, WHOAMI_IMAGE.1)),
+        cmd: Some(vec![body.to_string()]),
+        exposed_ports: Some(vec!["80/tcp".to_string()]),
+        labels: Some(labels.into_iter().collect()),
+        host_config: Some(HostConfig {
+            port_bindings: Some([("80/tcp".to_string(), Some(vec![binding]))].into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Removes every container labeled `key=value` when dropped, also when
+/// the test fails.
+pub struct LabelCleanup(pub String);
+
+impl Drop for LabelCleanup {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label={}", self.0)])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for chunk in ids.chunks(50) {
+            let _ = Command::new("docker")
+                .arg("rm")
+                .arg("-f")
+                .args(chunk)
+                .output();
+        }
+    }
+}
+
+/// Resident memory of process `pid`, in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Runs a benchmark's future on a two-thread runtime.
+pub fn bench_main(bench: impl Future<Output = ()>) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(bench);
+}
