@@ -135,10 +135,10 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
         .collect();
     let mut expired: BTreeSet<AgentId> = BTreeSet::new();
 
-    let mut saved_seq = state.last_seq;
-    let mut unacked: Option<Delivery> = None;
-    let mut unsaved_since: Option<Instant> = None;
-    let mut unsaved = 0u64;
+    let mut unsaved = Unsaved {
+        saved_seq: state.last_seq,
+        ..Unsaved::default()
+    };
 
     // The first push happens at once, so a restarted applier re-asserts its state.
     let mut push_at: Option<Instant> = Some(Instant::now());
@@ -151,7 +151,9 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
     loop {
         let far = Instant::now() + Duration::from_secs(3600);
         let push_deadline = push_at.unwrap_or(far);
-        let checkpoint_deadline = unsaved_since.map_or(far, |t| t + config.checkpoint_interval);
+        let checkpoint_deadline = unsaved
+            .since
+            .map_or(far, |t| t + config.checkpoint_interval);
         tokio::select! {
             // A message from the log: fold it, hold its ack until a
             // checkpoint covers it, and (re)start the quiet window, bounded
@@ -161,42 +163,26 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 if let Some(agent) = fold(&mut state, stats, delivery.seq, &delivery.subject, &delivery.payload) {
                     heard.insert(agent, Instant::now());
                 }
-                if delivery.seq <= saved_seq {
+                if delivery.seq <= unsaved.saved_seq {
                     // A redelivery of what a checkpoint already holds.
                     delivery.ack().await;
                     continue;
                 }
-                unacked = Some(delivery);
-                unsaved += 1;
+                unsaved.hold(delivery);
                 if push_at.is_none() {
                     // Caddy is about to lag behind the state.
                     board.update(|v| v.converged = false);
                 }
                 let now = Instant::now();
-                unsaved_since.get_or_insert(now);
                 let started = *burst_started.get_or_insert(now);
                 push_at = Some((now + config.quiet_window).min(started + config.max_delay));
-                if unsaved >= config.checkpoint_every {
-                    if checkpoint(&checkpoints, &state, stats).await {
-                        saved_seq = state.last_seq;
-                        unsaved = 0;
-                        unsaved_since = None;
-                        if let Some(d) = unacked.take() { d.ack().await; }
-                    } else {
-                        unsaved_since = Some(now);
-                    }
+                if unsaved.count >= config.checkpoint_every {
+                    unsaved.save(&checkpoints, &state, stats).await;
                 }
             }
             // Messages wait for a checkpoint: write one, then ack.
-            () = tokio::time::sleep_until(checkpoint_deadline), if unsaved_since.is_some() => {
-                if checkpoint(&checkpoints, &state, stats).await {
-                    saved_seq = state.last_seq;
-                    unsaved = 0;
-                    unsaved_since = None;
-                    if let Some(d) = unacked.take() { d.ack().await; }
-                } else {
-                    unsaved_since = Some(Instant::now());
-                }
+            () = tokio::time::sleep_until(checkpoint_deadline), if unsaved.since.is_some() => {
+                unsaved.save(&checkpoints, &state, stats).await;
             }
             // The burst settled (or a retry is due): converge Caddy.
             () = tokio::time::sleep_until(push_deadline), if push_at.is_some() => {
@@ -268,13 +254,48 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
             () = &mut shutdown => break,
         }
     }
-    if unsaved > 0 && checkpoint(&checkpoints, &state, stats).await {
-        if let Some(d) = unacked.take() {
-            d.ack().await;
-        }
+    if unsaved.count > 0 {
+        unsaved.save(&checkpoints, &state, stats).await;
     }
     board.update(|v| v.consumer_attached = false);
     Ok(())
+}
+
+/// Messages folded but not yet held by a checkpoint, and the cumulative ack
+/// that will cover them once one is written.
+#[derive(Default)]
+struct Unsaved {
+    /// The sequence the newest checkpoint holds.
+    saved_seq: u64,
+    /// The last message folded; acking it acks every one before it.
+    last: Option<Delivery>,
+    /// How many messages wait.
+    count: u64,
+    /// Since when the oldest of them waits (or the last failed write).
+    since: Option<Instant>,
+}
+
+impl Unsaved {
+    fn hold(&mut self, delivery: Delivery) {
+        self.last = Some(delivery);
+        self.count += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Writes a checkpoint of `state` and acks what it holds; on failure
+    /// keeps everything and tries again one interval later.
+    async fn save(&mut self, store: &impl CheckpointStore, state: &RouteState, stats: &Stats) {
+        if checkpoint(store, state, stats).await {
+            self.saved_seq = state.last_seq;
+            self.count = 0;
+            self.since = None;
+            if let Some(last) = self.last.take() {
+                last.ack().await;
+            }
+        } else {
+            self.since = Some(Instant::now());
+        }
+    }
 }
 
 async fn checkpoint(store: &impl CheckpointStore, state: &RouteState, stats: &Stats) -> bool {
