@@ -5,6 +5,10 @@
 //! outside world (Docker, NATS, Caddy) for the binary and the integration
 //! tests, which start publishers and appliers in-process through the same
 //! functions.
+//!
+//! - [`settings`]: every setting, layered and validated.
+//! - [`modes`]: standalone, server, agent and applier, built from settings.
+//! - [`history`]: the read-only debugging commands over the log.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use caddy_fleet_nats::async_nats::jetstream;
 use caddy_fleet_nats::{
     ConsumerSettings, DurableSource, EventPublisher, NatsConfig, StreamSettings,
 };
+use caddy_fleet_publisher::bollard::errors::Error as DockerError;
 use caddy_fleet_publisher::outbox::{run_sender, Outbox, OutboxSink};
 use caddy_fleet_publisher::PublisherConfig;
 
@@ -30,7 +35,7 @@ pub use caddy_fleet_schema as schema;
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     #[error("cannot connect to Docker: {0} (is the Docker socket mounted and readable?)")]
-    Docker(#[from] bollard_error::Error),
+    Docker(#[from] DockerError),
     #[error(transparent)]
     NatsConnect(#[from] caddy_fleet_nats::ConnectError),
     #[error(transparent)]
@@ -41,10 +46,6 @@ pub enum FleetError {
     Applier(#[from] caddy_fleet_applier::ApplierError),
     #[error(transparent)]
     Watch(#[from] caddy_fleet_publisher::WatchError),
-}
-
-mod bollard_error {
-    pub use caddy_fleet_publisher::bollard::errors::Error;
 }
 
 /// Connects to the local Docker engine, negotiating the API version (the
