@@ -10,7 +10,7 @@ use caddy_fleet_nats::async_nats::jetstream::stream::Stream as JsStream;
 use caddy_fleet_nats::consume::{replay, ConsumeError};
 use caddy_fleet_nats::Delivery;
 use caddy_fleet_schema::caddyfile::{Caddyfile, ParseError};
-use caddy_fleet_schema::routes::route_table;
+use caddy_fleet_schema::routes::route_rows;
 use caddy_fleet_schema::translate::translate_units;
 use caddy_fleet_schema::{AgentId, Event, RouteState};
 use tokio::time::Instant;
@@ -204,7 +204,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                         retry = (retry * 2).min(Duration::from_secs(10));
                     }
                 }
-                publish_status(&board, &state, &converger, &heard, &expired, &config, push_at.is_none());
+                publish_status(&board, &state, &units, &converger, &heard, &expired, &config, push_at.is_none());
             }
             // Periodically: is Caddy still running our config, did an
             // agent go quiet or come back, how far behind are we.
@@ -312,9 +312,11 @@ async fn checkpoint(store: &impl CheckpointStore, state: &RouteState, stats: &St
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn publish_status(
     board: &StatusBoard,
     state: &RouteState,
+    units: &[caddy_fleet_schema::translate::ContainerUnit],
     converger: &Converger,
     heard: &HashMap<AgentId, Instant>,
     expired: &BTreeSet<AgentId>,
@@ -324,7 +326,7 @@ fn publish_status(
     // The routes Caddy runs: the state's table, limited to the containers
     // in the accepted config (not refused, not of an expired agent).
     let accepted = converger.accepted_ids();
-    let mut routes = route_table(state, &config.translate);
+    let mut routes = route_rows(state, units);
     for row in &mut routes {
         row.containers.retain(|c| {
             accepted.contains(c.container_id.as_str())

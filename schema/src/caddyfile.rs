@@ -158,6 +158,41 @@ impl Caddyfile {
         merge_blocks(&mut self.blocks, other.blocks);
     }
 
+    /// Merges many files in order, as repeated [`Caddyfile::merge`] would,
+    /// but finds top-level blocks by their keys in a map instead of a scan,
+    /// so merging thousands of containers' sites stays linear.
+    pub fn merge_all(&mut self, others: impl IntoIterator<Item = Caddyfile>) {
+        let mut index: std::collections::HashMap<Vec<String>, usize> =
+            std::collections::HashMap::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            index.entry(block.keys.clone()).or_insert(i);
+        }
+        for other in others {
+            for block in other.blocks {
+                let directive = block.first_key();
+                if directive == "reverse_proxy" || directive == "php_fastcgi" {
+                    // The rare top-level proxy line keeps the general rule.
+                    merge_blocks(&mut self.blocks, vec![block]);
+                    index = self
+                        .blocks
+                        .iter()
+                        .enumerate()
+                        .rev()
+                        .map(|(i, b)| (b.keys.clone(), i))
+                        .collect();
+                    continue;
+                }
+                match index.get(&block.keys) {
+                    Some(&i) => merge_blocks(&mut self.blocks[i].children, block.children),
+                    None => {
+                        index.insert(block.keys.clone(), self.blocks.len());
+                        self.blocks.push(block);
+                    }
+                }
+            }
+        }
+    }
+
     /// Sorts every level as caddy-docker-proxy does: global options,
     /// snippets, matchers, then by `N_` order, keys and children.
     pub fn sort(&mut self) {
@@ -325,6 +360,30 @@ mod tests {
             Caddyfile::parse("a {\nb {\n}").unwrap_err(),
             ParseError::Unclosed { line: 1 }
         );
+    }
+
+    #[test]
+    fn merge_all_equals_repeated_merges() {
+        let files: Vec<Caddyfile> = [
+            "a.test {\n\treverse_proxy x:1\n}\n",
+            "{\n\temail a@b.c\n}\nb.test {\n\ttls internal\n}\n",
+            "a.test {\n\treverse_proxy y:2\n\ttls internal\n}\n",
+            "reverse_proxy /p z:3\n",
+            "reverse_proxy /p w:4\nb.test {\n\ttls internal\n}\n",
+            "{\n\tdebug\n}\n",
+        ]
+        .iter()
+        .map(|t| Caddyfile::parse(t).unwrap())
+        .collect();
+        let base =
+            Caddyfile::parse("(snip) {\n\ttls internal\n}\na.test {\n\trespond hi\n}\n").unwrap();
+        let mut one_by_one = base.clone();
+        for f in files.clone() {
+            one_by_one.merge(f);
+        }
+        let mut all = base;
+        all.merge_all(files);
+        assert_eq!(all, one_by_one);
     }
 
     #[test]

@@ -52,12 +52,17 @@ pub fn proxy_upstreams(block: &Block, out: &mut Vec<String>) {
 /// The route table of `state`, by site.
 pub fn route_table(state: &RouteState, options: &TranslateOptions) -> Vec<RouteRow> {
     let (units, _) = translate_units(state, options, &BTreeSet::new());
+    route_rows(state, &units)
+}
+
+/// The route table of already translated `units` of `state`.
+pub fn route_rows(state: &RouteState, units: &[crate::translate::ContainerUnit]) -> Vec<RouteRow> {
     let seqs: BTreeMap<(&str, &str), u64> = state
         .live_containers()
         .map(|r| ((r.facts.agent.as_str(), r.facts.id.as_str()), r.seq))
         .collect();
     let mut rows: BTreeMap<String, RouteRow> = BTreeMap::new();
-    for unit in &units {
+    for unit in units {
         for site in unit
             .file
             .blocks

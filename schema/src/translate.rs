@@ -121,9 +121,7 @@ pub fn assemble<'a>(
     units: impl IntoIterator<Item = &'a ContainerUnit>,
 ) -> Caddyfile {
     let mut file = base.cloned().unwrap_or_default();
-    for unit in units {
-        file.merge(unit.file.clone());
-    }
+    file.merge_all(units.into_iter().map(|u| u.file.clone()));
     file
 }
 
