@@ -331,3 +331,63 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
     );
     applier.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_before_the_retained_history_and_an_unreachable_nats_are_clear_errors() {
+    let nats = Nats::start().await;
+    let js = jetstream::new(nats.client().await);
+    // A stream that forgets after a second.
+    let short = StreamSettings {
+        max_age: Duration::from_secs(1),
+        ..StreamSettings::default()
+    };
+    ensure_stream(&js, &short).await.unwrap();
+    let mut log = Log {
+        js: js.clone(),
+        publishers: BTreeMap::new(),
+    };
+    log.send(up("a1", "old", "old.test", 1, ContainerState::Running))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let kept = log
+        .send(up("a1", "new", "new.test", 2, ContainerState::Running))
+        .await;
+    let reader = LogReader::open(&nats.config(), None, TranslateOptions::default())
+        .await
+        .unwrap();
+    let err = routes_at(&reader, Point::Seq(kept - 2))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("before the retained history, which starts at sequence"),
+        "{err}"
+    );
+    let err = routes_at(&reader, Point::Time(0))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("before the retained history"), "{err}");
+    assert_eq!(
+        sites(&routes_at(&reader, Point::Seq(kept)).await.unwrap().routes).len(),
+        1
+    );
+
+    // NATS unreachable: the command says where it tried.
+    let closed = free_port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+        .args(["routes"])
+        .env("NATS_URL", format!("nats://127.0.0.1:{closed}"))
+        .env("STATUS_LISTEN", "127.0.0.1:1")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "cannot connect to NATS at nats://127.0.0.1:{closed}"
+        )),
+        "{stderr}"
+    );
+}

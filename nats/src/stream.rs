@@ -39,7 +39,8 @@ impl StreamSettings {
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::Old,
             max_age: self.max_age,
-            duplicate_window: self.duplicate_window,
+            // JetStream refuses a duplicate window longer than the history.
+            duplicate_window: self.duplicate_window.min(self.max_age),
             num_replicas: self.replicas,
             // Any agent could otherwise wipe other agents' history.
             allow_rollup: false,
