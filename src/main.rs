@@ -163,6 +163,12 @@ struct Flags {
     /// Docker network shared with Caddy (CADDY_INGRESS_NETWORK)
     #[arg(long, global = true)]
     caddy_ingress_network: Option<String>,
+    /// History kept by the log, e.g. 7d (STREAM_MAX_AGE)
+    #[arg(long, global = true)]
+    stream_max_age: Option<String>,
+    /// Stream replicas (STREAM_REPLICAS)
+    #[arg(long, global = true)]
+    stream_replicas: Option<String>,
     /// NATS servers, comma-separated (NATS_URL)
     #[arg(long, global = true)]
     nats_url: Option<String>,
@@ -210,6 +216,8 @@ impl Flags {
             ("sync_interval", self.sync_interval),
             ("heartbeat_interval", self.heartbeat_interval),
             ("caddy_ingress_network", self.caddy_ingress_network),
+            ("stream_max_age", self.stream_max_age),
+            ("stream_replicas", self.stream_replicas),
             ("nats_url", self.nats_url),
             ("nats_token", self.nats_token),
             ("nats_user", self.nats_user),

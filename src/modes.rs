@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use caddy_fleet_applier::{ApplierConfig, NoCheckpoints, StatusBoard};
-use caddy_fleet_nats::{NatsConfig, StreamSettings};
+use caddy_fleet_nats::NatsConfig;
 use caddy_fleet_publisher::PublisherConfig;
 use caddy_fleet_schema::translate::LocalNetwork;
 use caddy_fleet_schema::{AgentId, RouteState};
@@ -158,14 +158,7 @@ pub async fn run(
             let listener = status_listener(settings).await?;
             let board = Arc::new(StatusBoard::default());
             let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));
-            crate::run_applier(
-                &nats,
-                &StreamSettings::default(),
-                config,
-                board,
-                stop.wait(),
-            )
-            .await?;
+            crate::run_applier(&nats, &settings.stream()?, config, board, stop.wait()).await?;
             let _ = status.await;
         }
         Mode::Server => {
@@ -177,7 +170,7 @@ pub async fn run(
             let listener = status_listener(settings).await?;
             let board = Arc::new(StatusBoard::default());
             let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));
-            let stream = StreamSettings::default();
+            let stream = settings.stream()?;
             let (applied, published) = tokio::join!(
                 crate::run_applier(&applier_nats, &stream, applier, board, stop.wait()),
                 crate::run_publisher(&publisher_nats, publisher, stop.wait()),

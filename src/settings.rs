@@ -77,6 +77,12 @@ pub struct Settings {
     /// Docker network Caddy shares with this host's containers (server and
     /// standalone modes): they are reached at their IP there, without published ports.
     pub caddy_ingress_network: Option<String>,
+    /// How long the log keeps history (the applier creates the stream with it).
+    #[serde(default = "defaults::stream_max_age")]
+    pub stream_max_age: String,
+    /// Stream replicas: 1 on a single NATS, 3 on a 3-node cluster.
+    #[serde(default = "defaults::stream_replicas")]
+    pub stream_replicas: usize,
     /// NATS servers, comma-separated.
     #[serde(default = "defaults::nats_url")]
     pub nats_url: String,
@@ -125,6 +131,12 @@ mod defaults {
     pub fn heartbeat_interval() -> String {
         "10s".into()
     }
+    pub fn stream_max_age() -> String {
+        "7d".into()
+    }
+    pub fn stream_replicas() -> usize {
+        1
+    }
     pub fn nats_url() -> String {
         "nats://127.0.0.1:4222".into()
     }
@@ -147,6 +159,8 @@ pub const KEYS: &[&str] = &[
     "sync_interval",
     "heartbeat_interval",
     "caddy_ingress_network",
+    "stream_max_age",
+    "stream_replicas",
     "nats_url",
     "nats_token",
     "nats_user",
@@ -275,6 +289,24 @@ impl Settings {
         parse_duration(value).map_err(|m| error(setting, m))
     }
 
+    /// The stream settings the applier creates the log with.
+    pub fn stream(&self) -> Result<caddy_fleet_nats::StreamSettings, SettingsError> {
+        if !(1..=5).contains(&self.stream_replicas) {
+            return Err(error(
+                "STREAM_REPLICAS",
+                format!(
+                    "{} replicas: use 1 to 5 (3 on a 3-node cluster)",
+                    self.stream_replicas
+                ),
+            ));
+        }
+        Ok(caddy_fleet_nats::StreamSettings {
+            max_age: self.duration("STREAM_MAX_AGE", &self.stream_max_age)?,
+            replicas: self.stream_replicas,
+            ..caddy_fleet_nats::StreamSettings::default()
+        })
+    }
+
     /// The status listener address.
     pub fn status_addr(&self) -> Result<SocketAddr, SettingsError> {
         self.status_listen.parse().map_err(|_| {
@@ -394,20 +426,21 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Parses `500ms`, `2s`, `5m`, `1h`, or a bare number of seconds.
+/// Parses `500ms`, `2s`, `5m`, `1h`, `7d`, or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let bad = || format!("{text:?} is not a duration: write e.g. 500ms, 30s, 5m or 1h");
+    let bad = || format!("{text:?} is not a duration: write e.g. 500ms, 30s, 5m, 1h or 7d");
     let number: u64 = number.parse().map_err(|_| bad())?;
     match unit {
         "ms" => Ok(Duration::from_millis(number)),
         "" | "s" => Ok(Duration::from_secs(number)),
         "m" => Ok(Duration::from_secs(number * 60)),
         "h" => Ok(Duration::from_secs(number * 3600)),
+        "d" => Ok(Duration::from_secs(number * 86_400)),
         _ => Err(bad()),
     }
 }
@@ -523,6 +556,33 @@ mod tests {
                 .starts_with("NATS_CREDS_FILE: cannot read /nonexistent/agent.creds"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn stream_settings_are_checked() {
+        let s = Settings::load(
+            None,
+            &env(&[("STREAM_MAX_AGE", "2d"), ("STREAM_REPLICAS", "3")]),
+            &[],
+        )
+        .unwrap();
+        let stream = s.stream().unwrap();
+        assert_eq!(
+            (stream.max_age, stream.replicas),
+            (Duration::from_secs(2 * 86_400), 3)
+        );
+        let s = Settings::load(None, &env(&[("STREAM_REPLICAS", "7")]), &[]).unwrap();
+        assert!(s
+            .stream()
+            .unwrap_err()
+            .to_string()
+            .starts_with("STREAM_REPLICAS: 7 replicas"));
+        let s = Settings::load(None, &env(&[("STREAM_MAX_AGE", "a week")]), &[]).unwrap();
+        assert!(s
+            .stream()
+            .unwrap_err()
+            .to_string()
+            .starts_with("STREAM_MAX_AGE:"));
     }
 
     #[test]
