@@ -17,7 +17,9 @@ use caddy_fleet_applier::ObjectStoreCheckpoints;
 use caddy_fleet_nats::async_nats::jetstream::{self, stream::Stream};
 use caddy_fleet_nats::consume::{first_seq_at_or_after, replay};
 use caddy_fleet_nats::NatsConfig;
-use caddy_fleet_schema::routes::{diff, explain, route_table, ExplainEntry, RouteDiff, RouteRow};
+use caddy_fleet_schema::routes::{
+    declares_domain, diff, explain, route_table, ExplainEntry, RouteDiff, RouteRow,
+};
 use caddy_fleet_schema::translate::TranslateOptions;
 use caddy_fleet_schema::{ContainerFacts, Event, RouteState};
 use serde::Serialize;
@@ -321,19 +323,6 @@ pub struct HistoryFilter {
     pub container: Option<String>,
 }
 
-fn names_domain(facts: &ContainerFacts, domain: &str, prefix: &str) -> bool {
-    facts.labels.iter().any(|(k, v)| {
-        caddy_fleet_schema::labels::is_caddy_label(k, prefix)
-            && !k.contains('.')
-            && v.split_whitespace().any(|a| {
-                let host = a.split_once("://").map_or(a, |(_, r)| r);
-                host.split(['/', ':'])
-                    .next()
-                    .is_some_and(|h| h.eq_ignore_ascii_case(domain))
-            })
-    })
-}
-
 fn describe(before: Option<&ContainerFacts>, after: &ContainerFacts) -> String {
     let sites = |f: &ContainerFacts| {
         f.labels
@@ -422,8 +411,8 @@ pub async fn history(
                 Event::Up(facts) => {
                     let old = before(&facts.id);
                     let domain_ok = filter.domain.as_ref().is_none_or(|d| {
-                        names_domain(facts, d, &prefix)
-                            || old.as_ref().is_some_and(|o| names_domain(o, d, &prefix))
+                        declares_domain(facts, d, &prefix)
+                            || old.as_ref().is_some_and(|o| declares_domain(o, d, &prefix))
                     });
                     (agent_ok && domain_ok && container_matches(&facts.id, &facts.name))
                         .then(|| (Some(facts.name.clone()), describe(old.as_ref(), facts)))
@@ -434,10 +423,9 @@ pub async fn history(
                         .as_ref()
                         .map(|o| o.name.clone())
                         .unwrap_or_else(|| down.id.clone());
-                    let domain_ok = filter
-                        .domain
-                        .as_ref()
-                        .is_none_or(|d| old.as_ref().is_some_and(|o| names_domain(o, d, &prefix)));
+                    let domain_ok = filter.domain.as_ref().is_none_or(|d| {
+                        old.as_ref().is_some_and(|o| declares_domain(o, d, &prefix))
+                    });
                     (agent_ok && domain_ok && container_matches(&down.id, &name))
                         .then(|| (Some(name), "down (removed)".to_string()))
                 }
@@ -454,7 +442,7 @@ pub async fn history(
                         if filter
                             .domain
                             .as_ref()
-                            .is_some_and(|d| !names_domain(&r.facts, d, &prefix))
+                            .is_some_and(|d| !declares_domain(&r.facts, d, &prefix))
                             || !container_matches(&r.facts.id, &r.facts.name)
                         {
                             continue;

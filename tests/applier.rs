@@ -221,29 +221,17 @@ async fn a_restarted_caddy_gets_its_routes_back_within_seconds() {
     let publisher = start_publisher(&nats, &format!("h-{id}"), &id, "127.0.0.1");
     let domain = format!("{id}.heal.test");
     let _backend = start_backend(&web_labels(&domain, &id), "healed").await;
-    wait_for("the route", Duration::from_secs(30), || async {
-        caddy
-            .get(&domain)
-            .await
-            .filter(|(s, b)| *s == 200 && b == "healed")
-    })
-    .await;
+    caddy
+        .wait_serving(&domain, "healed", Duration::from_secs(30))
+        .await;
     let pushes_before = board.stats.snapshot().pushes;
 
     caddy.container.stop().await.unwrap();
     caddy.container.start().await.unwrap();
     let restarted = Instant::now();
-    wait_for(
-        "the route after Caddy restarted",
-        Duration::from_secs(5),
-        || async {
-            caddy
-                .get(&domain)
-                .await
-                .filter(|(s, b)| *s == 200 && b == "healed")
-        },
-    )
-    .await;
+    caddy
+        .wait_serving(&domain, "healed", Duration::from_secs(5))
+        .await;
     println!(
         "caddy restart: route served again {:?} after Caddy came back",
         restarted.elapsed()
@@ -309,13 +297,9 @@ async fn a_container_caddy_refuses_is_isolated_and_shown_in_status() {
         start_backend(&bad_labels, "bad"),
     );
     for (domain, body) in [(&good1, "good1"), (&good2, "good2")] {
-        wait_for("a good backend", Duration::from_secs(30), || async {
-            caddy
-                .get(domain)
-                .await
-                .filter(|(s, b)| *s == 200 && b == body)
-        })
-        .await;
+        caddy
+            .wait_serving(domain, body, Duration::from_secs(30))
+            .await;
     }
     let status = wait_for(
         "the refused container in /status",
@@ -481,13 +465,9 @@ async fn a_silent_agent_loses_its_routes_after_the_ttl_and_regains_them() {
     let mut reference = RouteState::default();
     let before_last_message = Instant::now();
     publish_all(&js, &[up], &mut reference, "1").await;
-    wait_for("the route", Duration::from_secs(10), || async {
-        caddy
-            .get(&host)
-            .await
-            .filter(|(s, b)| *s == 200 && b == "ttl")
-    })
-    .await;
+    caddy
+        .wait_serving(&host, "ttl", Duration::from_secs(10))
+        .await;
     // Silence: the route goes after the TTL, and /status says why.
     wait_for(
         "the route to be removed",
@@ -513,16 +493,8 @@ async fn a_silent_agent_loses_its_routes_after_the_ttl_and_regains_them() {
         observed_at_ms: 0,
     });
     publish_all(&js, &[sync], &mut reference, "2").await;
-    wait_for(
-        "the route to come back",
-        Duration::from_secs(10),
-        || async {
-            caddy
-                .get(&host)
-                .await
-                .filter(|(s, b)| *s == 200 && b == "ttl")
-        },
-    )
-    .await;
+    caddy
+        .wait_serving(&host, "ttl", Duration::from_secs(10))
+        .await;
     applier.stop().await;
 }

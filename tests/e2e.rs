@@ -20,17 +20,9 @@ async fn labeled_backend_is_routed_then_unrouted_when_stopped() {
     let started = Instant::now();
     let backend = start_backend(&web_labels(&domain, &id), &body).await;
     let container_started = started.elapsed();
-    wait_for(
-        "the backend to answer through Caddy",
-        Duration::from_secs(30),
-        || async {
-            caddy
-                .get(&domain)
-                .await
-                .filter(|(status, text)| *status == 200 && text == &body)
-        },
-    )
-    .await;
+    caddy
+        .wait_serving(&domain, &body, Duration::from_secs(30))
+        .await;
     let first_200 = started.elapsed();
     println!(
         "e2e: backend container started in {container_started:?}; first 200 through Caddy {:?} after start, {first_200:?} after `docker run`",
@@ -95,17 +87,9 @@ async fn garbage_and_unknown_versions_are_skipped_and_acked() {
     let domain = format!("{id}.garbage.test");
     let body = format!("after-garbage-{id}");
     let _backend = start_backend(&web_labels(&domain, &id), &body).await;
-    wait_for(
-        "the valid message after the garbage to be applied",
-        Duration::from_secs(30),
-        || async {
-            caddy
-                .get(&domain)
-                .await
-                .filter(|(status, text)| *status == 200 && text == &body)
-        },
-    )
-    .await;
+    caddy
+        .wait_serving(&domain, &body, Duration::from_secs(30))
+        .await;
 
     let snapshot = stats.stats.snapshot();
     assert_eq!(snapshot.decode_errors, 2, "{snapshot:?}");

@@ -178,17 +178,9 @@ async fn a_broken_container_is_reported_and_the_good_one_still_routed() {
         start_backend(&broken_labels, "broken"),
         start_backend(&bad_template, "template"),
     );
-    wait_for(
-        "the good backend through Caddy",
-        Duration::from_secs(30),
-        || async {
-            caddy
-                .get(&good)
-                .await
-                .filter(|(s, b)| *s == 200 && b == "good")
-        },
-    )
-    .await;
+    caddy
+        .wait_serving(&good, "good", Duration::from_secs(30))
+        .await;
     let rejected = wait_for(
         "both broken containers reported",
         Duration::from_secs(10),

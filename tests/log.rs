@@ -88,13 +88,9 @@ async fn a_restarted_applier_recovers_its_routes_from_the_stream() {
     let domain = format!("{id}.restart.test");
     let body = format!("restart-{id}");
     let _backend = start_backend(&web_labels(&domain, &id), &body).await;
-    wait_for("the first route", Duration::from_secs(30), || async {
-        caddy
-            .get(&domain)
-            .await
-            .filter(|(s, t)| *s == 200 && t == &body)
-    })
-    .await;
+    caddy
+        .wait_serving(&domain, &body, Duration::from_secs(30))
+        .await;
     applier.stop().await;
 
     // A second Caddy knows nothing; the restarted applier (same durable,
@@ -102,17 +98,9 @@ async fn a_restarted_applier_recovers_its_routes_from_the_stream() {
     let fresh = Caddy::start().await;
     assert!(fresh.get(&domain).await.is_none_or(|(_, t)| t != body));
     let (applier, stats) = start_applier(&nats, &fresh, "restart");
-    wait_for(
-        "the route on the fresh Caddy",
-        Duration::from_secs(30),
-        || async {
-            fresh
-                .get(&domain)
-                .await
-                .filter(|(s, t)| *s == 200 && t == &body)
-        },
-    )
-    .await;
+    fresh
+        .wait_serving(&domain, &body, Duration::from_secs(30))
+        .await;
     assert_eq!(stats.stats.snapshot().decode_errors, 0);
     publisher.stop().await;
     applier.stop().await;

@@ -42,17 +42,9 @@ async fn standalone_mode_routes_a_labeled_container_without_nats() {
     ));
     let domain = format!("{id}.solo.test");
     let backend = start_backend(&web_labels(&domain, &id), "solo").await;
-    wait_for(
-        "standalone to route the backend",
-        Duration::from_secs(30),
-        || async {
-            caddy
-                .get(&domain)
-                .await
-                .filter(|(s, b)| *s == 200 && b == "solo")
-        },
-    )
-    .await;
+    caddy
+        .wait_serving(&domain, "solo", Duration::from_secs(30))
+        .await;
     backend.stop().await.unwrap();
     wait_for(
         "standalone to remove the route",

@@ -237,7 +237,7 @@ fn merge_blocks(into: &mut Vec<Block>, blocks: Vec<Block>) {
 
 /// The matcher of a proxy line and where its upstreams start: its first
 /// argument if that is `*`, a path or a named matcher; otherwise `*`.
-fn proxy_matcher(block: &Block) -> (&str, usize) {
+pub fn proxy_matcher(block: &Block) -> (&str, usize) {
     match block.keys.get(1) {
         Some(m) if m == "*" || m.starts_with('/') || m.starts_with('@') => (m, 2),
         _ => ("*", 1),

@@ -34,10 +34,7 @@ pub struct RouteContainer {
 /// The `reverse_proxy` upstreams anywhere in a block.
 pub fn proxy_upstreams(block: &Block, out: &mut Vec<String>) {
     if block.keys.first().map(String::as_str) == Some("reverse_proxy") {
-        let skip = match block.keys.get(1) {
-            Some(m) if m == "*" || m.starts_with('/') || m.starts_with('@') => 2,
-            _ => 1,
-        };
+        let (_, skip) = crate::caddyfile::proxy_matcher(block);
         for upstream in block.keys.iter().skip(skip) {
             if !out.contains(upstream) {
                 out.push(upstream.clone());
@@ -144,25 +141,32 @@ pub struct ExplainEntry {
     pub left_out: Option<String>,
 }
 
+/// Whether an address list (`http://a.test b.test:8080`) names `domain`.
+fn addresses_name(addresses: &str, domain: &str) -> bool {
+    addresses.split_whitespace().any(|a| {
+        let host = a.split_once("://").map_or(a, |(_, rest)| rest);
+        host.split(['/', ':'])
+            .next()
+            .is_some_and(|h| h.eq_ignore_ascii_case(domain))
+    })
+}
+
+/// Whether a container's root labels (`caddy`, `caddy_N`) name `domain` as
+/// a site address, with or without scheme and port.
+pub fn declares_domain(facts: &crate::ContainerFacts, domain: &str, prefix: &str) -> bool {
+    facts.labels.iter().any(|(k, v)| {
+        crate::labels::is_caddy_label(k, prefix) && !k.contains('.') && addresses_name(v, domain)
+    })
+}
+
 /// Every container whose labels name `domain` (as a site address, with or
 /// without scheme and port), included or left out, with the reason.
 pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> Vec<ExplainEntry> {
-    let names_domain = |addresses: &str| {
-        addresses.split_whitespace().any(|a| {
-            let host = a.split_once("://").map_or(a, |(_, rest)| rest);
-            let host = host.split(['/', ':']).next().unwrap_or(host);
-            host.eq_ignore_ascii_case(domain)
-        })
-    };
     let mut entries = Vec::new();
     for agent in state.agents.values() {
         for record in agent.containers.values() {
             let facts = &record.facts;
-            let declared = facts.labels.iter().any(|(k, v)| {
-                crate::labels::is_caddy_label(k, &options.label_prefix)
-                    && !k.contains('.')
-                    && names_domain(v)
-            });
+            let declared = declares_domain(facts, domain, &options.label_prefix);
             if !declared {
                 continue;
             }
@@ -191,7 +195,7 @@ pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> 
                         for site in file
                             .blocks
                             .iter()
-                            .filter(|b| names_domain(&b.keys.join(" ")))
+                            .filter(|b| addresses_name(&b.keys.join(" "), domain))
                         {
                             proxy_upstreams(site, &mut entry.upstreams);
                         }

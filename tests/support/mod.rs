@@ -191,6 +191,18 @@ impl Caddy {
         Some((status, response.text().await.unwrap_or_default()))
     }
 
+    /// Waits (bounded by `timeout`) until a GET with `Host: host` answers
+    /// 200 with exactly `body`.
+    pub async fn wait_serving(&self, host: &str, body: &str, timeout: Duration) {
+        let what = format!("{host} to answer {body:?} through Caddy");
+        wait_for(&what, timeout, || async {
+            self.get(host)
+                .await
+                .filter(|(status, text)| *status == 200 && text == body)
+        })
+        .await;
+    }
+
     /// The running config, as Caddy reports it; `None` if the request
     /// failed (Caddy drops admin connections while it loads a config).
     pub async fn config(&self) -> Option<serde_json::Value> {
