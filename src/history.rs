@@ -227,7 +227,7 @@ impl LogReader {
                     bar.set_position(n);
                 }
             }
-            match Event::decode(&d.payload) {
+            match Event::decode_from(&d.subject, &d.payload) {
                 Ok(event) => {
                     each(&state, d.seq, d.published_ms, &event);
                     state.apply(d.seq, &event);
@@ -394,7 +394,7 @@ pub async fn history(
     let rest_from = state.last_seq + 1;
     if rest_from <= to {
         replay(&reader.stream, "fleet.>", rest_from, Some(to), |d| {
-            let Ok(event) = Event::decode(&d.payload) else {
+            let Ok(event) = Event::decode_from(&d.subject, &d.payload) else {
                 state.skip(d.seq);
                 return;
             };

@@ -45,7 +45,7 @@ fn fold(
     subject: &str,
     payload: &[u8],
 ) -> Option<AgentId> {
-    match Event::decode(payload) {
+    match Event::decode_from(subject, payload) {
         Ok(event) => {
             state.apply(seq, &event);
             stats.folded();

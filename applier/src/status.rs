@@ -111,6 +111,20 @@ impl StatusBoard {
             "Messages skipped because they could not be decoded.",
             load(&s.decode_errors),
         );
+        let skipped = s.skipped_by_reason();
+        out.push_str(
+            "# HELP caddy_fleet_messages_skipped_total Messages skipped and acked: undecodable, too large, or not matching their subject (forged).\n# TYPE caddy_fleet_messages_skipped_total counter\n",
+        );
+        for (reason, count) in &skipped {
+            out.push_str(&format!(
+                "caddy_fleet_messages_skipped_total{{reason=\"{reason}\"}} {count}\n"
+            ));
+        }
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        };
         metric(
             "caddy_fleet_pushes_total",
             "counter",

@@ -1,6 +1,7 @@
 //! The applier's observable happenings: each function logs one line and
 //! bumps its counter together, so logs and metrics cannot drift apart.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -27,7 +28,22 @@ pub struct Stats {
     pub checkpoints: AtomicU64,
     /// The containers left out at the last render, with their reasons.
     rejected: Mutex<Vec<Rejected>>,
+    /// Skipped messages by reason ([`DecodeError::kind`]), and which
+    /// (subject agent, reason) pairs were already logged.
+    skipped: Mutex<SkippedMessages>,
 }
+
+/// Skipped messages by reason; each (agent, reason) pair is logged once, so
+/// an agent that floods forgeries cannot flood the log too.
+#[derive(Debug, Default)]
+struct SkippedMessages {
+    by_reason: BTreeMap<&'static str, u64>,
+    logged: HashSet<(String, &'static str)>,
+}
+
+/// How many (agent, reason) pairs are remembered as logged; beyond it,
+/// skipped messages are only counted.
+const LOGGED_PAIRS: usize = 4096;
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,7 +75,28 @@ impl Stats {
 
     pub(crate) fn decode_failed(&self, seq: u64, subject: &str, error: &DecodeError) {
         self.decode_errors.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(seq, %subject, kind = error.kind(), %error, "Undecodable message skipped and acked.");
+        let reason = error.kind();
+        let Ok(mut skipped) = self.skipped.lock() else {
+            return;
+        };
+        *skipped.by_reason.entry(reason).or_default() += 1;
+        // The agent token of the subject, whatever the payload claims.
+        let agent = subject.split('.').nth(1).unwrap_or("");
+        let agent = caddy_fleet_schema::limits::shortened(agent, 64);
+        if skipped.logged.len() < LOGGED_PAIRS && skipped.logged.insert((agent.to_string(), reason))
+        {
+            let subject = caddy_fleet_schema::limits::shortened(subject, 200);
+            tracing::error!(seq, %subject, %agent, reason, %error,
+                "Message skipped and acked; further ones from this agent for this reason are only counted (caddy_fleet_messages_skipped_total).");
+        }
+    }
+
+    /// Skipped messages by reason.
+    pub fn skipped_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        self.skipped
+            .lock()
+            .map(|s| s.by_reason.clone())
+            .unwrap_or_default()
     }
 
     /// The containers left out of the config at the last render, and why.

@@ -244,7 +244,14 @@ impl Watcher {
         match inspected {
             Ok(inspect) => match from_inspect(&inspect, &self.config, now_ms()) {
                 Some(facts) => {
-                    self.send(&Event::Up(facts), sink).await?;
+                    let up = Event::Up(facts);
+                    if let Err(error) = up.check_bounds(&self.config.label_prefix) {
+                        // The applier would refuse it: say so here, where
+                        // the container's owner looks, and publish nothing.
+                        tracing::warn!(container = %id, %error, "Container not published: its labels exceed caddy-fleet's bounds.");
+                        return Ok(false);
+                    }
+                    self.send(&up, sink).await?;
                     Ok(true)
                 }
                 None => Ok(false),
@@ -276,6 +283,10 @@ impl Watcher {
             containers: self.known.iter().cloned().collect(),
             observed_at_ms: now_ms(),
         });
+        if let Err(error) = sync.check_bounds(&self.config.label_prefix) {
+            tracing::error!(containers = self.known.len(), %error, "Sync not published: this host has more labeled containers than one sync can list.");
+            return Ok(());
+        }
         self.send(&sync, sink).await
     }
 

@@ -9,6 +9,7 @@
 use std::cmp::Ordering;
 
 use crate::lexer::tokenize;
+use crate::limits::MAX_BLOCK_DEPTH;
 
 /// The order of a block with no `N_` prefix: after every prefixed one.
 pub const UNORDERED: i64 = i32::MAX as i64;
@@ -92,6 +93,8 @@ pub enum ParseError {
     UnexpectedClose { line: usize },
     #[error("unclosed '{{' opened on line {line}")]
     Unclosed { line: usize },
+    #[error("line {line}: blocks nested deeper than {MAX_BLOCK_DEPTH} levels")]
+    TooDeep { line: usize },
 }
 
 impl Caddyfile {
@@ -108,6 +111,9 @@ impl Caddyfile {
         }
         for token in tokenize(text) {
             if !token.quoted && token.text == "{" {
+                if stack.len() > MAX_BLOCK_DEPTH {
+                    return Err(ParseError::TooDeep { line: token.line });
+                }
                 let open = pending.take().unwrap_or((Block::default(), token.line));
                 stack.push((open.0, token.line));
             } else if !token.quoted && token.text == "}" {
@@ -360,6 +366,21 @@ mod tests {
             Caddyfile::parse("a {\nb {\n}").unwrap_err(),
             ParseError::Unclosed { line: 1 }
         );
+    }
+
+    #[test]
+    fn nesting_is_bounded_without_recursion() {
+        let deep = "a {\n".repeat(1_000_000);
+        assert!(matches!(
+            Caddyfile::parse(&deep),
+            Err(ParseError::TooDeep { .. })
+        ));
+        let ok = format!(
+            "{}{}",
+            "a {\n".repeat(MAX_BLOCK_DEPTH),
+            "}\n".repeat(MAX_BLOCK_DEPTH)
+        );
+        assert!(Caddyfile::parse(&ok).is_ok());
     }
 
     #[test]

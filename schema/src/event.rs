@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::subject::AgentId;
+use crate::limits::{LimitError, MAX_MESSAGE_BYTES, MAX_SYNC_BYTES};
+use crate::subject::{AgentId, InvalidSubject, SubjectKey, SubjectKind};
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -135,6 +136,22 @@ pub enum DecodeError {
     /// The right version, but the body does not match it.
     #[error("invalid version {SCHEMA_VERSION} message: {0}")]
     Invalid(serde_json::Error),
+    /// Larger than any publisher may send; not even parsed.
+    #[error("{0}")]
+    TooLarge(LimitError),
+    /// Not on a subject the stream's messages can have.
+    #[error(transparent)]
+    Subject(#[from] InvalidSubject),
+    /// The payload names another agent than its subject: a forgery by the
+    /// subject's agent (only it can publish there).
+    #[error("message on {subject_agent}'s subject claims to be from agent {claimed}")]
+    ForeignAgent {
+        subject_agent: AgentId,
+        claimed: AgentId,
+    },
+    /// The payload's kind or container does not belong on its subject.
+    #[error("a {kind} message does not belong on {subject}")]
+    WrongSubject { kind: &'static str, subject: String },
 }
 
 impl DecodeError {
@@ -144,6 +161,10 @@ impl DecodeError {
             DecodeError::Malformed(_) => "malformed",
             DecodeError::UnknownVersion { .. } => "unknown_version",
             DecodeError::Invalid(_) => "invalid",
+            DecodeError::TooLarge(_) => "too_large",
+            DecodeError::Subject(_) => "bad_subject",
+            DecodeError::ForeignAgent { .. } => "foreign_agent",
+            DecodeError::WrongSubject { .. } => "wrong_subject",
         }
     }
 }
@@ -180,6 +201,78 @@ impl Event {
             return Err(DecodeError::UnknownVersion { found: probe.v });
         }
         serde_json::from_slice(bytes).map_err(DecodeError::Invalid)
+    }
+
+    /// Decodes a message read from the log at `subject`, trusting nothing
+    /// in it: the payload must fit [`Event::max_bytes`] of its subject, and
+    /// the agent, kind and container it names must be those of its subject,
+    /// the one part of a message an agent's credentials cannot forge.
+    pub fn decode_from(subject: &str, bytes: &[u8]) -> Result<Event, DecodeError> {
+        let key = SubjectKey::parse(subject)?;
+        let limit = Event::max_bytes(&key.kind);
+        if bytes.len() > limit {
+            return Err(DecodeError::TooLarge(LimitError::MessageTooLarge {
+                len: bytes.len(),
+                limit,
+            }));
+        }
+        let event = Event::decode(bytes)?;
+        if event.agent() != &key.agent {
+            return Err(DecodeError::ForeignAgent {
+                subject_agent: key.agent,
+                claimed: event.agent().clone(),
+            });
+        }
+        let belongs = match (&event, &key.kind) {
+            (Event::Up(f), SubjectKind::Container(id)) => &f.id == id,
+            (Event::Down(d), SubjectKind::Container(id)) => &d.id == id,
+            (Event::Sync(_), SubjectKind::Sync) => true,
+            (Event::Heartbeat(_), SubjectKind::Heartbeat) => true,
+            _ => false,
+        };
+        if !belongs {
+            return Err(DecodeError::WrongSubject {
+                kind: event.kind(),
+                subject: subject.to_string(),
+            });
+        }
+        Ok(event)
+    }
+
+    /// The largest message a subject of this kind may carry.
+    pub fn max_bytes(kind: &SubjectKind) -> usize {
+        match kind {
+            SubjectKind::Sync => MAX_SYNC_BYTES,
+            SubjectKind::Container(_) | SubjectKind::Heartbeat => MAX_MESSAGE_BYTES,
+        }
+    }
+
+    /// Checks an event this host is about to publish against the bounds
+    /// the applier will hold it to, so that nothing is published only to
+    /// be refused.
+    pub fn check_bounds(&self, label_prefix: &str) -> Result<(), LimitError> {
+        if let Event::Up(facts) = self {
+            crate::limits::check_labels(&facts.labels, label_prefix)?;
+        }
+        let len = self.encode().len();
+        let limit = match self {
+            Event::Sync(_) => MAX_SYNC_BYTES,
+            _ => MAX_MESSAGE_BYTES,
+        };
+        if len > limit {
+            return Err(LimitError::MessageTooLarge { len, limit });
+        }
+        Ok(())
+    }
+
+    /// The message kind as on the wire: `up`, `down`, `sync`, `heartbeat`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Up(_) => "up",
+            Event::Down(_) => "down",
+            Event::Sync(_) => "sync",
+            Event::Heartbeat(_) => "heartbeat",
+        }
     }
 
     /// The agent that published this event.
@@ -288,6 +381,48 @@ mod tests {
     fn right_version_wrong_body_is_invalid() {
         let err = Event::decode(br#"{"v":1,"kind":"up","agent":"a.b"}"#).unwrap_err();
         assert_eq!(err.kind(), "invalid");
+    }
+
+    #[test]
+    fn the_subject_decides_the_agent_kind_and_container() {
+        let up = Event::Up(facts());
+        let bytes = up.encode();
+        assert_eq!(Event::decode_from("fleet.a1.ctr.abc", &bytes).unwrap(), up);
+
+        let forged = Event::decode_from("fleet.a2.ctr.abc", &bytes).unwrap_err();
+        assert_eq!(forged.kind(), "foreign_agent");
+        assert!(forged.to_string().contains("claims to be from agent a1"));
+
+        for wrong in ["fleet.a1.ctr.other", "fleet.a1.sync", "fleet.a1.hb"] {
+            let err = Event::decode_from(wrong, &bytes).unwrap_err();
+            assert_eq!(err.kind(), "wrong_subject", "{wrong}");
+        }
+        let sync = Event::Sync(AgentSync {
+            agent: AgentId::new("a1").unwrap(),
+            host_address: "h".into(),
+            containers: vec![],
+            observed_at_ms: 1,
+        })
+        .encode();
+        assert_eq!(
+            Event::decode_from("fleet.a1.ctr.abc", &sync)
+                .unwrap_err()
+                .kind(),
+            "wrong_subject"
+        );
+        assert!(Event::decode_from("fleet.a1.sync", &sync).is_ok());
+        assert_eq!(
+            Event::decode_from("fleet.a1.x", &sync).unwrap_err().kind(),
+            "bad_subject"
+        );
+    }
+
+    #[test]
+    fn oversized_messages_are_not_parsed() {
+        let mut f = facts();
+        f.name = "n".repeat(MAX_MESSAGE_BYTES);
+        let err = Event::decode_from("fleet.a1.ctr.abc", &Event::Up(f).encode()).unwrap_err();
+        assert_eq!(err.kind(), "too_large");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::caddyfile::{Block, Caddyfile, UNORDERED};
 use crate::lexer::tokenize;
+use crate::limits::{check_labels, shortened, LimitError, MAX_LABEL_VALUE_BYTES};
 use crate::template::{render, Upstreams};
 
 /// A label that could not be translated.
@@ -161,6 +162,12 @@ pub fn from_labels(
     prefix: &str,
     upstreams: &dyn Upstreams,
 ) -> Result<Caddyfile, LabelError> {
+    // Bounds first: what follows recurses once per key segment and holds
+    // every rendered value, so nothing unbounded may reach it.
+    check_labels(labels, prefix).map_err(|error| LabelError {
+        label: limit_label(&error),
+        reason: error.to_string(),
+    })?;
     let mut tree = Tree::default();
     for (label, value) in labels.iter().filter(|(k, _)| is_caddy_label(k, prefix)) {
         let error = |reason: String| LabelError {
@@ -169,6 +176,12 @@ pub fn from_labels(
         };
         let node = tree.get_or_create(label).map_err(error)?;
         let text = render(value, upstreams).map_err(error)?;
+        if text.len() > MAX_LABEL_VALUE_BYTES {
+            return Err(error(format!(
+                "the value renders to {} bytes (at most {MAX_LABEL_VALUE_BYTES})",
+                text.len()
+            )));
+        }
         tree.nodes[node]
             .keys
             .extend(tokenize(&text).into_iter().map(|t| t.text));
@@ -176,6 +189,16 @@ pub fn from_labels(
     Ok(Caddyfile {
         blocks: tree.roots.iter().map(|&r| tree.block(r)).collect(),
     })
+}
+
+/// The label a bound was exceeded by, as far as it can be named.
+fn limit_label(error: &LimitError) -> String {
+    match error {
+        LimitError::KeyTooLong { key, .. }
+        | LimitError::TooManySegments { key, .. }
+        | LimitError::ValueTooLong { key, .. } => shortened(key, 64).to_string(),
+        LimitError::TooManyLabels { .. } | LimitError::MessageTooLarge { .. } => "*".to_string(),
+    }
 }
 
 /// Reads labels in caddy-docker-proxy's golden-file format: one
@@ -255,6 +278,28 @@ mod tests {
     }
 
     #[test]
+    fn a_key_of_any_depth_is_a_clear_error() {
+        for depth in [17, 1_000, 1_000_000] {
+            let key = format!("caddy{}", ".a".repeat(depth));
+            let labels: BTreeMap<String, String> = [
+                ("caddy".to_string(), "a.test".to_string()),
+                (key, "x".to_string()),
+            ]
+            .into();
+            let err = from_labels(&labels, "caddy", &FixedTargets::default()).unwrap_err();
+            assert!(err.to_string().len() < 300, "{depth}: {err}");
+        }
+        // Within the bounds, the deepest key still translates.
+        let key = format!("caddy{}", ".a".repeat(15));
+        let labels: BTreeMap<String, String> = [
+            ("caddy".to_string(), "a.test".to_string()),
+            (key, "x".to_string()),
+        ]
+        .into();
+        assert!(from_labels(&labels, "caddy", &FixedTargets::default()).is_ok());
+    }
+
+    #[test]
     fn other_prefixes_and_lookalikes_are_ignored() {
         let labels: BTreeMap<String, String> = [
             ("edge", "a.test"),
@@ -267,5 +312,40 @@ mod tests {
         .collect();
         let file = from_labels(&labels, "edge", &FixedTargets::default()).unwrap();
         assert_eq!(file.marshal(), "a.test {\n\trespond ok\n}\n");
+    }
+}
+
+#[cfg(test)]
+mod bounded {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::template::FixedTargets;
+
+    fn depth() -> impl Strategy<Value = usize> {
+        prop_oneof![Just(1_000_000usize), Just(16), Just(17), 0usize..5_000]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Translation of a label key of any depth (up to 1,000,000
+        /// segments) returns a result or a clear error: it never recurses
+        /// once per segment.
+        #[test]
+        fn any_depth_returns(depth in depth(), segment in "[a-z0-9_@\\\\.]{0,3}", value in ".{0,20}") {
+            let mut key = String::from("caddy");
+            for _ in 0..depth {
+                key.push('.');
+                key.push_str(&segment);
+            }
+            let segments = crate::limits::segments(&key);
+            let labels: BTreeMap<String, String> =
+                [("caddy".to_string(), "a.test".to_string()), (key, value)].into();
+            match from_labels(&labels, "caddy", &FixedTargets::default()) {
+                Ok(_) => prop_assert!(segments <= crate::limits::MAX_LABEL_SEGMENTS),
+                Err(error) => prop_assert!(error.to_string().len() < 400),
+            }
+        }
     }
 }

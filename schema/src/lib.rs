@@ -13,6 +13,7 @@
 //!   caddy-docker-proxy's merge, sort and marshalling.
 //! - [`template`], [`labels`]: caddy-docker-proxy's label grammar and the
 //!   `{{upstreams}}` template.
+//! - [`limits`]: the bounds every agent's input is held to.
 //! - [`routes`]: route tables, their differences, and explanations for people.
 //! - [`translate`]: container facts → one merged Caddyfile, with upstreams
 //!   resolved from the facts and bad containers left out.
@@ -21,6 +22,7 @@ pub mod caddyfile;
 pub mod event;
 pub mod labels;
 pub mod lexer;
+pub mod limits;
 pub mod routes;
 pub mod state;
 pub mod subject;

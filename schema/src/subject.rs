@@ -95,6 +95,90 @@ impl AgentId {
     }
 }
 
+/// What a subject of the stream says about its message: whose it is and
+/// which kind of message may be stored on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectKey {
+    /// The `<agent>` token: the only identity a message has. NATS
+    /// permissions confine each agent's credentials to `fleet.<its id>.>`,
+    /// so this token, unlike anything in the payload, cannot be forged.
+    pub agent: AgentId,
+    /// What the rest of the subject says the message is.
+    pub kind: SubjectKind,
+}
+
+/// The message kinds a subject allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectKind {
+    /// `fleet.<agent>.ctr.<container_id>`: an `up` or `down` of that container.
+    Container(String),
+    /// `fleet.<agent>.sync`.
+    Sync,
+    /// `fleet.<agent>.hb`.
+    Heartbeat,
+}
+
+/// A subject that is not one of the stream's message subjects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("subject {subject:?} is not fleet.<agent>.ctr.<container>, fleet.<agent>.sync or fleet.<agent>.hb")]
+pub struct InvalidSubject {
+    /// The subject, cut to [`InvalidSubject::SHOWN`] bytes.
+    pub subject: String,
+}
+
+impl InvalidSubject {
+    /// How much of a bad subject an error repeats.
+    pub const SHOWN: usize = 200;
+
+    fn new(subject: &str) -> Self {
+        let mut end = subject.len().min(Self::SHOWN);
+        while !subject.is_char_boundary(end) {
+            end -= 1;
+        }
+        InvalidSubject {
+            subject: subject[..end].to_string(),
+        }
+    }
+}
+
+/// Longest container ID a subject may carry (Docker's are 64 hex digits).
+pub const MAX_CONTAINER_ID_LEN: usize = 128;
+
+impl SubjectKey {
+    /// Reads `fleet.<agent>.ctr.<id>`, `fleet.<agent>.sync` or
+    /// `fleet.<agent>.hb`; anything else is an [`InvalidSubject`].
+    pub fn parse(subject: &str) -> Result<SubjectKey, InvalidSubject> {
+        let invalid = || InvalidSubject::new(subject);
+        let mut tokens = subject.split('.');
+        if tokens.next() != Some(SUBJECT_ROOT) {
+            return Err(invalid());
+        }
+        let agent = tokens
+            .next()
+            .and_then(|a| AgentId::new(a).ok())
+            .ok_or_else(invalid)?;
+        let kind = match (tokens.next(), tokens.next(), tokens.next()) {
+            (Some("ctr"), Some(id), None) if is_container_id(id) => {
+                SubjectKind::Container(id.to_string())
+            }
+            (Some("sync"), None, None) => SubjectKind::Sync,
+            (Some("hb"), None, None) => SubjectKind::Heartbeat,
+            _ => return Err(invalid()),
+        };
+        Ok(SubjectKey { agent, kind })
+    }
+}
+
+/// Whether `id` can be a container ID in a subject: 1 to
+/// [`MAX_CONTAINER_ID_LEN`] characters from `[A-Za-z0-9_-]`.
+pub fn is_container_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_CONTAINER_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 impl TryFrom<String> for AgentId {
     type Error = InvalidAgentId;
     fn try_from(value: String) -> Result<Self, Self::Error> {
@@ -147,6 +231,38 @@ mod tests {
         assert_eq!(a.sync_subject(), "fleet.a1.sync");
         assert_eq!(a.heartbeat_subject(), "fleet.a1.hb");
         assert_eq!(a.all_subjects(), "fleet.a1.>");
+    }
+
+    #[test]
+    fn subjects_parse_into_agent_and_kind() {
+        let key = SubjectKey::parse("fleet.a1.ctr.abc").unwrap();
+        assert_eq!(key.agent.as_str(), "a1");
+        assert_eq!(key.kind, SubjectKind::Container("abc".into()));
+        assert_eq!(
+            SubjectKey::parse("fleet.a1.sync").unwrap().kind,
+            SubjectKind::Sync
+        );
+        assert_eq!(
+            SubjectKey::parse("fleet.a1.hb").unwrap().kind,
+            SubjectKind::Heartbeat
+        );
+        let long = format!("fleet.a.ctr.{}", "x".repeat(10_000));
+        for bad in [
+            "",
+            "fleet",
+            "fleet.a1",
+            "other.a1.sync",
+            "fleet.a1.ctr",
+            "fleet.a1.ctr.",
+            "fleet.a1.ctr.a.b",
+            "fleet.a1.sync.x",
+            "fleet.a1.hello",
+            "fleet.a b.sync",
+            long.as_str(),
+        ] {
+            let err = SubjectKey::parse(bad).unwrap_err();
+            assert!(err.subject.len() <= InvalidSubject::SHOWN, "{bad}");
+        }
     }
 
     #[test]
