@@ -41,6 +41,8 @@ pub enum FleetError {
     #[error(transparent)]
     Stream(#[from] caddy_fleet_nats::StreamError),
     #[error(transparent)]
+    Provision(#[from] caddy_fleet_nats::provision::ProvisionError),
+    #[error(transparent)]
     Consume(#[from] caddy_fleet_nats::ConsumeError),
     #[error(transparent)]
     Applier(#[from] caddy_fleet_applier::ApplierError),
@@ -120,7 +122,24 @@ pub async fn run_applier(
 ) -> Result<(), FleetError> {
     let client = caddy_fleet_nats::connect(nats).await?;
     let js = jetstream::new(client);
-    let stream = caddy_fleet_nats::ensure_stream(&js, stream).await?;
+    let stream_settings = stream;
+    let stream = caddy_fleet_nats::ensure_stream(&js, stream_settings).await?;
+    let sourced = stream_settings.sourced_agents(&stream.cached_info().config);
+    // Heartbeats of new agents come in on a connection of their own that
+    // buffers little, so a flood is dropped rather than queued.
+    let provisioning_client = caddy_fleet_nats::connect(&NatsConfig {
+        subscription_capacity: Some(64),
+        ..nats.clone()
+    })
+    .await?;
+    let provisioning = caddy_fleet_nats::provision::run(
+        provisioning_client,
+        stream_settings.clone(),
+        sourced,
+        |_| true,
+        caddy_fleet_nats::provision::ProvisionLimits::default(),
+        std::future::pending(),
+    );
     let checkpoints = ObjectStoreCheckpoints::open(&js, &config.name)
         .await
         .map_err(caddy_fleet_applier::ApplierError::from)?;
@@ -138,7 +157,19 @@ pub async fn run_applier(
     )
     .await?;
     tracing::info!(applier = %config.name, caddy = %config.caddy_admin_url, resume_after = position.delivered, "Applier attached.");
-    caddy_fleet_applier::run(source, checkpoints, state, config, board, shutdown).await?;
+    let applier = caddy_fleet_applier::run(source, checkpoints, state, config, board, shutdown);
+    tokio::pin!(applier, provisioning);
+    tokio::select! {
+        // The applier stops on shutdown; provisioning stops with it.
+        result = &mut applier => result?,
+        // Provisioning only ends if its subscription does; the applier goes on.
+        result = &mut provisioning => {
+            if let Err(error) = result {
+                tracing::error!(%error, "New agents can no longer be given ingest streams.");
+            }
+            applier.await?;
+        }
+    }
     tracing::info!("Applier stopped.");
     Ok(())
 }

@@ -387,6 +387,7 @@ impl Settings {
             name: Some(name),
             retry_initial_connect: false,
             inbox_prefix: None,
+            subscription_capacity: None,
         })
     }
 }

@@ -71,6 +71,8 @@ async fn garbage_and_unknown_versions_are_skipped_and_acked() {
     .await;
 
     let agent = format!("junk-{id}");
+    let victim = format!("victim-{id}");
+    ensure_log(&js, &[&agent]).await;
     for payload in [
         &b"\xff\xfe not json at all"[..],
         br#"{"v":99,"kind":"teleport","agent":"x"}"#,
@@ -83,7 +85,7 @@ async fn garbage_and_unknown_versions_are_skipped_and_acked() {
     }
 
     // The next valid message (from a real publisher) is still applied.
-    let publisher = start_publisher(&nats, &agent, &id, "127.0.0.1");
+    let publisher = start_publisher(&nats, &victim, &id, "127.0.0.1");
     let domain = format!("{id}.garbage.test");
     let body = format!("after-garbage-{id}");
     let _backend = start_backend(&web_labels(&domain, &id), &body).await;
@@ -91,8 +93,41 @@ async fn garbage_and_unknown_versions_are_skipped_and_acked() {
         .wait_serving(&domain, &body, Duration::from_secs(30))
         .await;
 
+    // With its own credentials, the junk agent forges the victim: a sync
+    // naming the victim (which would drop all its routes) and a container
+    // credited to it, on the junk agent's own subjects. Both are skipped.
+    let forged_sync = format!(
+        r#"{{"v":1,"kind":"sync","agent":"{victim}","host_address":"h","containers":[],"observed_at_ms":1}}"#
+    );
+    let forged_down =
+        format!(r#"{{"v":1,"kind":"down","agent":"{agent}","id":"other","observed_at_ms":1}}"#);
+    for (subject, payload) in [
+        (format!("fleet.{agent}.sync"), forged_sync),
+        (format!("fleet.{agent}.ctr.bad"), forged_down),
+    ] {
+        js.publish(subject, payload.into_bytes().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    wait_for(
+        "the forgeries to be skipped",
+        Duration::from_secs(15),
+        || async { (stats.stats.snapshot().decode_errors >= 4).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        caddy.get(&domain).await,
+        Some((200, body.clone())),
+        "the victim's route must survive a forged sync"
+    );
+    let skipped = stats.stats.skipped_by_reason();
+    assert_eq!(skipped.get("foreign_agent"), Some(&1), "{skipped:?}");
+    assert_eq!(skipped.get("wrong_subject"), Some(&1), "{skipped:?}");
+
     let snapshot = stats.stats.snapshot();
-    assert_eq!(snapshot.decode_errors, 2, "{snapshot:?}");
+    assert_eq!(snapshot.decode_errors, 4, "{snapshot:?}");
     assert!(snapshot.events_folded >= 2, "{snapshot:?}");
     // Everything delivered was acked: nothing waits for redelivery.
     let consumer: jetstream::consumer::PullConsumer = js
@@ -104,10 +139,10 @@ async fn garbage_and_unknown_versions_are_skipped_and_acked() {
         .unwrap();
     let info = wait_for("acks to settle", Duration::from_secs(10), || async {
         let info = consumer.get_info().await.ok()?;
-        (info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= 2).then_some(info)
+        (info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= 4).then_some(info)
     })
     .await;
-    assert!(info.ack_floor.stream_sequence >= 3, "{info:?}");
+    assert!(info.ack_floor.stream_sequence >= 5, "{info:?}");
 
     publisher.stop().await;
     applier.stop().await;

@@ -12,7 +12,7 @@ use caddy_fleet::history::{
     diff_between, explain_at, history, routes_at, HistoryFilter, LogReader, Point,
 };
 use caddy_fleet::nats::async_nats::jetstream;
-use caddy_fleet::nats::{ensure_stream, EventPublisher, StreamSettings};
+use caddy_fleet::nats::{ensure_agent_stream, ensure_stream, EventPublisher, StreamSettings};
 use caddy_fleet::schema::translate::TranslateOptions;
 use caddy_fleet::schema::{AgentId, AgentSync, ContainerDown, ContainerState, Event, Heartbeat};
 use support::*;
@@ -23,17 +23,24 @@ fn up(agent: &str, id: &str, domain: &str, port: u16, state: ContainerState) -> 
 
 struct Log {
     js: jetstream::Context,
+    stream: jetstream::stream::Stream,
     publishers: BTreeMap<String, EventPublisher>,
 }
 
 impl Log {
+    /// Publishes `event` and returns its sequence in the log.
     async fn send(&mut self, event: Event) -> u64 {
         let agent = event.agent().clone();
+        if !self.publishers.contains_key(agent.as_str()) {
+            ensure_agent_stream(&self.js, &StreamSettings::default(), &agent)
+                .await
+                .unwrap();
+        }
         let publisher = self
             .publishers
             .entry(agent.to_string())
             .or_insert_with(|| EventPublisher::new(self.js.clone(), agent, "h"));
-        publisher.publish(&event).await.unwrap().sequence
+        publish_to_log(publisher, &self.stream, &event).await
     }
 }
 
@@ -58,6 +65,7 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
         .unwrap();
     let mut log = Log {
         js: js.clone(),
+        stream: stream.clone(),
         publishers: BTreeMap::new(),
     };
     let (applier, board) = start_applier_with(&nats, &caddy, "live", |c| {
@@ -341,9 +349,10 @@ async fn points_before_the_retained_history_and_an_unreachable_nats_are_clear_er
         max_age: Duration::from_secs(1),
         ..StreamSettings::default()
     };
-    ensure_stream(&js, &short).await.unwrap();
+    let stream = ensure_stream(&js, &short).await.unwrap();
     let mut log = Log {
         js: js.clone(),
+        stream,
         publishers: BTreeMap::new(),
     };
     log.send(up("a1", "old", "old.test", 1, ContainerState::Running))

@@ -6,52 +6,98 @@ mod support;
 use std::time::Duration;
 
 use caddy_fleet::nats::async_nats::jetstream;
-use caddy_fleet::nats::{ensure_stream, EventPublisher, StreamSettings};
+use caddy_fleet::nats::{ensure_agent_stream, ensure_stream, EventPublisher, StreamSettings};
 use caddy_fleet::schema::{AgentId, Event, Heartbeat};
+use futures::StreamExt;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stream_is_created_idempotently_and_refuses_purge_and_delete() {
+async fn the_log_sources_bounded_ingest_streams_and_refuses_purge_and_delete() {
     let nats = Nats::start().await;
     let js = jetstream::new(nats.client().await);
     let settings = StreamSettings::default();
     ensure_stream(&js, &settings).await.expect("first creation");
+    let a1 = AgentId::new("a1").unwrap();
+    assert!(ensure_agent_stream(&js, &settings, &a1).await.unwrap());
+    assert!(!ensure_agent_stream(&js, &settings, &a1).await.unwrap());
     let mut stream = ensure_stream(&js, &settings)
         .await
         .expect("second creation is a no-op");
     let config = stream.info().await.expect("info").config.clone();
-    assert_eq!(config.subjects, vec!["fleet.>".to_string()]);
+    assert!(
+        !config.subjects.iter().any(|s| s.starts_with("fleet.")),
+        "{:?}",
+        config.subjects
+    );
+    assert_eq!(settings.sourced_agents(&config), [a1.clone()]);
     assert!(
         config.deny_purge && config.deny_delete && !config.allow_rollup,
         "{config:?}"
     );
-    assert_eq!(config.duplicate_window, settings.duplicate_window);
     assert_eq!(config.max_age, settings.max_age);
+    let mut ingest = js.get_stream(settings.ingest_name(&a1)).await.unwrap();
+    let ingest_config = ingest.info().await.unwrap().config.clone();
+    assert_eq!(ingest_config.subjects, ["fleet.a1.>"]);
+    assert_eq!(ingest_config.max_bytes, settings.agent_max_bytes);
 
-    let mut publisher = EventPublisher::new(js.clone(), AgentId::new("a1").unwrap(), "run1");
-    let stored = publisher
-        .publish(&Event::Heartbeat(Heartbeat {
-            agent: AgentId::new("a1").unwrap(),
+    let mut publisher = EventPublisher::new(js.clone(), a1.clone(), "run1");
+    let seq = publish_to_log(
+        &mut publisher,
+        &stream,
+        &Event::Heartbeat(Heartbeat {
+            agent: a1,
             sent_at_ms: 1,
-        }))
-        .await
-        .expect("publish");
-    assert!(!stored.duplicate);
+        }),
+    )
+    .await;
     assert!(stream.purge().await.is_err(), "purge must be denied");
     assert!(
-        stream.delete_message(stored.sequence).await.is_err(),
+        stream.delete_message(seq).await.is_err(),
         "delete must be denied"
     );
+    assert!(ingest.purge().await.is_err(), "ingest purge must be denied");
     assert_eq!(stream.get_info().await.unwrap().state.messages, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_from_before_ingest_streams_keeps_its_history() {
+    let nats = Nats::start().await;
+    let js = jetstream::new(nats.client().await);
+    let settings = StreamSettings::default();
+    // The old layout: the log captured every agent's subjects itself.
+    js.create_stream(jetstream::stream::Config {
+        name: settings.name.clone(),
+        subjects: vec!["fleet.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let old = Event::Heartbeat(Heartbeat {
+        agent: AgentId::new("a1").unwrap(),
+        sent_at_ms: 1,
+    });
+    js.publish(old.subject(), old.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut log = ensure_log(&js, &["a1"]).await;
+    let subjects = log.info().await.unwrap().config.subjects.clone();
+    // (NATS names a stream without subjects of its own after itself.)
+    assert!(
+        !subjects.iter().any(|s| s.starts_with("fleet.")),
+        "{subjects:?}"
+    );
+    let mut publisher = EventPublisher::new(js.clone(), AgentId::new("a1").unwrap(), "new");
+    let seq = publish_to_log(&mut publisher, &log, &old).await;
+    assert_eq!(seq, 2, "the old message is kept and the new one follows it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_with_the_same_message_id_is_stored_once() {
     let nats = Nats::start().await;
     let js = jetstream::new(nats.client().await);
-    let stream = ensure_stream(&js, &StreamSettings::default())
-        .await
-        .unwrap();
+    let mut log = ensure_log(&js, &["a1"]).await;
     let event = Event::Heartbeat(Heartbeat {
         agent: AgentId::new("a1").unwrap(),
         sent_at_ms: 1,
@@ -73,10 +119,94 @@ async fn a_retry_with_the_same_message_id_is_stored_once() {
         seqs.push((ack.sequence, ack.duplicate));
     }
     assert_eq!(seqs, vec![(1, false), (1, true), (1, true)]);
-    assert_eq!(stream.get_info().await.unwrap().state.messages, 1);
-    // And a new run of the same agent never collides with the old one.
+    // A new run of the same agent never collides with the old one.
     let mut publisher = EventPublisher::new(js.clone(), AgentId::new("a1").unwrap(), "run2");
-    assert!(!publisher.publish(&event).await.unwrap().duplicate);
+    let second = publish_to_log(&mut publisher, &log, &event).await;
+    // The log holds the first message once, then the second.
+    assert_eq!(second, 2);
+    assert_eq!(wait_for_log(&mut log, 2).await, 2);
+}
+
+/// An agent that floods fills only its own ingest stream: its further
+/// messages are refused at publish, and another agent's changes still
+/// reach Caddy, none of them lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_agent_fills_only_its_own_share() {
+    let id = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let js = jetstream::new(nats.client().await);
+    let settings = StreamSettings::default();
+    let flooder = AgentId::new(format!("flood-{id}")).unwrap();
+    let log = ensure_log(&js, &[flooder.as_str()]).await;
+    let (applier, board) = start_applier(&nats, &caddy, "flood");
+
+    // Messages of the largest size NATS takes on a container subject,
+    // until the share is full (bounded in count).
+    let garbage = vec![b'x'; 60 * 1024];
+    let limit = settings.agent_max_bytes as usize / garbage.len() + 100;
+    let mut stored = 0u64;
+    let mut refused = None;
+    for n in 0..limit {
+        let subject = format!("fleet.{flooder}.ctr.c{n}");
+        match js
+            .publish(subject, garbage.clone().into())
+            .await
+            .unwrap()
+            .await
+        {
+            Ok(_) => stored += 1,
+            Err(error) => {
+                refused = Some(error.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the flooding agent's share never filled");
+    assert!(stored > 0, "{refused}");
+
+    // Another agent's containers still come and go through Caddy.
+    // Not provisioned beforehand: the applier creates its ingest stream
+    // when it hears the agent's first heartbeat.
+    let publisher = start_publisher_with(&nats, &format!("calm-{id}"), &id, "127.0.0.1", false);
+    let domain = format!("{id}.calm.test");
+    let body = format!("calm-{id}");
+    let backend = start_backend(&web_labels(&domain, &id), &body).await;
+    caddy
+        .wait_serving(&domain, &body, Duration::from_secs(60))
+        .await;
+    backend.rm().await.unwrap();
+    wait_for(
+        "the removed backend to be gone from Caddy",
+        Duration::from_secs(60),
+        || async { caddy.get(&domain).await.filter(|(_, text)| *text != body) },
+    )
+    .await;
+
+    // Every message the calm agent stored reached the log.
+    let calm = AgentId::new(format!("calm-{id}")).unwrap();
+    let mut ingest = js.get_stream(settings.ingest_name(&calm)).await.unwrap();
+    let calm_stored = ingest.info().await.unwrap().state.messages;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let in_log = log
+            .info_with_subjects(format!("fleet.{calm}.>"))
+            .await
+            .unwrap()
+            .map(|s| s.map(|(_, n)| n).unwrap_or(0))
+            .fold(0usize, |a, b| async move { a + b })
+            .await;
+        if in_log as u64 >= calm_stored {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{in_log} of {calm_stored} in the log"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(board.stats.snapshot().decode_errors >= stored.min(1));
+    publisher.stop().await;
+    applier.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@ use std::time::Duration;
 use caddy_fleet::applier::{ApplierConfig, StatusBoard};
 use caddy_fleet::nats::async_nats::jetstream;
 use caddy_fleet::nats::{
-    connect, ensure_stream, EventPublisher, NatsAuth, NatsConfig, StreamSettings,
+    connect, ensure_agent_stream, ensure_stream, EventPublisher, NatsAuth, NatsConfig,
+    StreamSettings,
 };
 use caddy_fleet::publisher::{FilterLabel, PublisherConfig};
 use caddy_fleet::schema::{AgentId, Event, Heartbeat};
@@ -68,6 +69,7 @@ fn user(url: &str, user: &str, password: &str, inbox: Option<&str>) -> NatsConfi
             password: password.into(),
         },
         inbox_prefix: inbox.map(str::to_string),
+        subscription_capacity: None,
         ..Default::default()
     }
 }
@@ -100,9 +102,19 @@ async fn the_shipped_nats_config_confines_each_agent_to_its_subjects() {
     let applier = connect(&user(&url, "applier", "pw-applier", None))
         .await
         .unwrap();
-    let stream = ensure_stream(&jetstream::new(applier), &StreamSettings::default())
+    let applier_js = jetstream::new(applier);
+    let stream = ensure_stream(&applier_js, &StreamSettings::default())
         .await
         .unwrap();
+    for agent in ["agent1", "agent2"] {
+        ensure_agent_stream(
+            &applier_js,
+            &StreamSettings::default(),
+            &AgentId::new(agent).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
 
     // agent1 publishes (and gets its ack) on its own subjects…
     let agent1 = connect(&user(&url, "agent1", "pw-agent1", Some("_INBOX_agent1")))
@@ -140,10 +152,61 @@ async fn the_shipped_nats_config_confines_each_agent_to_its_subjects() {
     );
     let mut stream = stream;
     assert_eq!(
-        stream.info().await.unwrap().state.messages,
+        wait_for_log(&mut stream, 1).await,
         1,
         "only agent1's own message was stored"
     );
+
+    // No ack reflection: JetStream acks a publish to whatever reply subject
+    // the publisher names. Through the service import the reply is
+    // rewritten, so nothing lands outside agent1's own account.
+    let checkpoints = applier_js
+        .create_object_store(jetstream::object_store::Config {
+            bucket: "CADDY_FLEET_CHECKPOINTS".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(checkpoints);
+    let raw = connect(&user(&url, "agent1", "pw-agent1", Some("_INBOX_agent1")))
+        .await
+        .unwrap();
+    for reply in [
+        "fleet.agent2.ctr.reflected",
+        "$O.CADDY_FLEET_CHECKPOINTS.M.reflected",
+        "$JS.API.STREAM.DELETE.CADDY_FLEET",
+        "$JS.API.STREAM.PURGE.CADDY_FLEET_IN_agent2",
+    ] {
+        raw.publish_with_reply("fleet.agent1.ctr.bait", reply.to_string(), "x".into())
+            .await
+            .unwrap();
+    }
+    raw.flush().await.unwrap();
+    // A last acked message: once the log has it, every ack before it went out.
+    own.publish(&hb("agent1")).await.unwrap();
+    let last = wait_for_log(&mut stream, 6).await;
+    let mut log = applier_js.get_stream("CADDY_FLEET").await.unwrap();
+    assert_eq!(
+        log.info().await.unwrap().state.messages,
+        6,
+        "the heartbeat, four baits and the last heartbeat; no reflected ack (last seq {last})"
+    );
+    for (name, what) in [
+        ("CADDY_FLEET_IN_agent2", "agent2's ingest stream"),
+        ("OBJ_CADDY_FLEET_CHECKPOINTS", "the checkpoint store"),
+    ] {
+        let mut reflected = applier_js.get_stream(name).await.unwrap();
+        assert_eq!(
+            reflected.info().await.unwrap().state.messages,
+            0,
+            "an ack was reflected into {what}"
+        );
+    }
+    let mut agent1_ingest = applier_js
+        .get_stream("CADDY_FLEET_IN_agent1")
+        .await
+        .unwrap();
+    assert_eq!(agent1_ingest.info().await.unwrap().state.messages, 6);
 
     // No credentials, or wrong ones: refused, and said so.
     let anonymous = connect(&NatsConfig {

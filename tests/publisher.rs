@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use caddy_fleet::nats::async_nats::jetstream::{self, stream::Stream};
-use caddy_fleet::nats::{ensure_stream, StreamSettings};
 use caddy_fleet::schema::{AgentId, ContainerState, Event, RouteState};
 use support::*;
 use testcontainers::bollard::query_parameters::ListContainersOptionsBuilder;
@@ -19,9 +18,7 @@ use testcontainers::{GenericImage, ImageExt};
 
 async fn stream(nats: &Nats) -> Stream {
     let js = jetstream::new(nats.client().await);
-    ensure_stream(&js, &StreamSettings::default())
-        .await
-        .unwrap()
+    ensure_log(&js, &[]).await
 }
 
 /// The last event on `fleet.<agent>.ctr.<id>`, if any.

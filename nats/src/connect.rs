@@ -28,6 +28,11 @@ pub struct NatsConfig {
     /// NATS user can be allowed to read only its own replies.
     #[serde(default)]
     pub inbox_prefix: Option<String>,
+    /// How many messages a subscription buffers before dropping (async-nats'
+    /// default when unset). A subscription to subjects agents publish on
+    /// keeps it small, so a flood costs bounded memory.
+    #[serde(default)]
+    pub subscription_capacity: Option<usize>,
 }
 
 /// NATS authentication.
@@ -120,6 +125,9 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, ConnectError> {
     };
     if config.tls.required {
         options = options.require_tls(true);
+    }
+    if let Some(capacity) = config.subscription_capacity {
+        options = options.subscription_capacity(capacity);
     }
     if let Some(ca) = &config.tls.ca_file {
         options = options.add_root_certificates(ca.clone());

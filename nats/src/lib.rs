@@ -2,8 +2,10 @@
 //!
 //! - [`connect`]: connection settings (URLs, token, user/password, creds
 //!   file, TLS) and [`connect::connect`].
-//! - [`stream`]: idempotent creation of the `CADDY_FLEET` stream with the
-//!   settings the design requires (rollup, delete and purge denied).
+//! - [`stream`]: idempotent creation of the `CADDY_FLEET` log with the
+//!   settings the design requires (rollup, delete and purge denied) and of
+//!   each agent's bounded ingest stream, which the log sources.
+//! - [`provision`]: creates an agent's ingest stream when it is first heard.
 //! - [`publish`]: [`publish::EventPublisher`], publish-with-ack that retries
 //!   with the same `Nats-Msg-Id`, so a retry after a lost ack is deduplicated.
 //! - [`consume`]: [`consume::DurableSource`], a durable pull consumer whose
@@ -12,6 +14,7 @@
 
 pub mod connect;
 pub mod consume;
+pub mod provision;
 pub mod publish;
 pub mod stream;
 
@@ -19,4 +22,4 @@ pub use async_nats;
 pub use connect::{connect, ConnectError, NatsAuth, NatsConfig, NatsTls};
 pub use consume::{ConsumeError, ConsumerPosition, ConsumerSettings, Delivery, DurableSource};
 pub use publish::{EventPublisher, PublishError};
-pub use stream::{ensure_stream, StreamError, StreamSettings};
+pub use stream::{ensure_agent_stream, ensure_stream, StreamError, StreamSettings};

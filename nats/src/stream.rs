@@ -1,9 +1,27 @@
-//! The `CADDY_FLEET` stream: one durable, ordered log shared by every host.
+//! The `CADDY_FLEET` stream: one durable, ordered log shared by every host,
+//! fed by one bounded ingest stream per agent.
+//!
+//! An agent never writes to the shared log directly. It publishes on
+//! `fleet.<agent>.>`, which only its own ingest stream `<log>_IN_<agent>`
+//! captures; the shared log has no subjects of its own and *sources* every
+//! ingest stream. Each ingest stream is a short buffer with its own quota
+//! (`max_bytes`, `max_msg_size`, `discard=new`), so an agent that floods
+//! fills only its own share: its further messages are refused at publish,
+//! while every other agent's messages flow on and nothing already stored,
+//! by anyone, is evicted. The shared log keeps history (`max_age`) and has
+//! deduplication off: each agent's messages were already deduplicated by
+//! `Nats-Msg-Id` in its own ingest stream, so no agent can pre-empt
+//! another's message IDs.
+//!
+//! Ingest streams are created by the applier, never by agents (whose
+//! credentials allow no JetStream API calls): for the agents it knows of,
+//! and for an unknown agent when it first hears it ([`crate::provision`]).
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use caddy_fleet_schema::subject::SUBJECT_ROOT;
+use caddy_fleet_schema::limits::MAX_SYNC_BYTES;
+use caddy_fleet_schema::AgentId;
 
 /// Settings of the stream the applier creates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +34,10 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// Replicas (3 on a 3-node cluster).
     pub replicas: usize,
+    /// Each agent's share: how many bytes its ingest stream may hold.
+    pub agent_max_bytes: i64,
+    /// How long an ingest stream keeps a message after the log sourced it.
+    pub agent_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -25,22 +47,27 @@ impl Default for StreamSettings {
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
             replicas: 1,
+            agent_max_bytes: 64 * 1024 * 1024,
+            agent_max_age: Duration::from_secs(3600),
         }
     }
 }
 
 impl StreamSettings {
-    /// The JetStream configuration these settings stand for.
-    pub fn to_config(&self) -> stream::Config {
+    /// The shared log's configuration: no subjects of its own, `sources`
+    /// as given (one per agent), no deduplication (see the module doc).
+    pub fn to_config(&self, sources: Vec<stream::Source>) -> stream::Config {
         stream::Config {
             name: self.name.clone(),
-            subjects: vec![format!("{SUBJECT_ROOT}.>")],
+            subjects: Vec::new(),
+            sources: Some(sources),
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::Old,
             max_age: self.max_age,
-            // JetStream refuses a duplicate window longer than the history.
-            duplicate_window: self.duplicate_window.min(self.max_age),
+            max_message_size: MAX_SYNC_BYTES as i32,
+            // Zero turns deduplication off on a sourcing stream (NATS ≥ 2.14).
+            duplicate_window: Duration::ZERO,
             num_replicas: self.replicas,
             // Any agent could otherwise wipe other agents' history.
             allow_rollup: false,
@@ -49,6 +76,55 @@ impl StreamSettings {
             allow_direct: true,
             ..Default::default()
         }
+    }
+
+    /// The name of `agent`'s ingest stream: `<log>_IN_<agent>`.
+    pub fn ingest_name(&self, agent: &AgentId) -> String {
+        format!("{}_IN_{agent}", self.name)
+    }
+
+    /// `agent`'s ingest stream: its subjects only, its quota, refusing
+    /// what exceeds the quota instead of evicting anything.
+    pub fn ingest_config(&self, agent: &AgentId) -> stream::Config {
+        let max_age = self.agent_max_age.min(self.max_age);
+        stream::Config {
+            name: self.ingest_name(agent),
+            subjects: vec![agent.all_subjects()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::New,
+            max_bytes: self.agent_max_bytes,
+            max_age,
+            max_message_size: MAX_SYNC_BYTES as i32,
+            // JetStream refuses a duplicate window longer than the history.
+            duplicate_window: self.duplicate_window.min(max_age),
+            num_replicas: self.replicas,
+            allow_rollup: false,
+            deny_delete: true,
+            deny_purge: true,
+            ..Default::default()
+        }
+    }
+
+    /// The log's source entry for `agent`'s ingest stream.
+    pub fn source(&self, agent: &AgentId) -> stream::Source {
+        stream::Source {
+            name: self.ingest_name(agent),
+            filter_subject: Some(agent.all_subjects()),
+            ..Default::default()
+        }
+    }
+
+    /// The agents whose ingest streams a log configuration sources.
+    pub fn sourced_agents(&self, config: &stream::Config) -> Vec<AgentId> {
+        let prefix = format!("{}_IN_", self.name);
+        config
+            .sources
+            .iter()
+            .flatten()
+            .filter_map(|s| s.name.strip_prefix(&prefix))
+            .filter_map(|a| AgentId::new(a).ok())
+            .collect()
     }
 }
 
@@ -65,15 +141,38 @@ pub enum StreamError {
         name: String,
         source: jetstream::context::GetStreamError,
     },
+    #[error("cannot read stream {name}: {source}")]
+    Info {
+        name: String,
+        source: jetstream::context::RequestError,
+    },
+    #[error("cannot update stream {name}: {source}")]
+    Update {
+        name: String,
+        source: jetstream::context::UpdateStreamError,
+    },
 }
 
-/// Creates the stream, or brings an existing one to `settings`. Safe to
-/// call from every applier at every start.
+/// Creates the log, or brings an existing one to `settings`, keeping the
+/// sources it has. Safe to call from every applier at every start.
+///
+/// A log from before ingest streams captured `fleet.>` itself; it keeps its
+/// history and from now on sources the agents' ingest streams instead.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<stream::Stream, StreamError> {
-    js.create_or_update_stream(settings.to_config())
+    let sources = match js.get_stream(&settings.name).await {
+        Ok(mut existing) => {
+            let info = existing.info().await.map_err(|source| StreamError::Info {
+                name: settings.name.clone(),
+                source: source.into(),
+            })?;
+            info.config.sources.clone().unwrap_or_default()
+        }
+        Err(_) => Vec::new(),
+    };
+    js.create_or_update_stream(settings.to_config(sources))
         .await
         .map_err(|source| StreamError::CreateOrUpdate {
             name: settings.name.clone(),
@@ -85,4 +184,73 @@ pub async fn ensure_stream(
             name: settings.name.clone(),
             source,
         })
+}
+
+/// Creates `agent`'s ingest stream (or brings it to `settings`) and makes
+/// sure the log sources it. Idempotent; returns whether the log's sources
+/// had to change.
+pub async fn ensure_agent_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    agent: &AgentId,
+) -> Result<bool, StreamError> {
+    let ingest = settings.ingest_config(agent);
+    js.create_or_update_stream(ingest.clone())
+        .await
+        .map_err(|source| StreamError::CreateOrUpdate {
+            name: ingest.name.clone(),
+            source,
+        })?;
+    // Read, add, write: two appliers adding agents at once can overwrite
+    // each other's addition, so re-read until the source is there.
+    let mut changed = false;
+    for _ in 0..5 {
+        let mut log = js
+            .get_stream(&settings.name)
+            .await
+            .map_err(|source| StreamError::Get {
+                name: settings.name.clone(),
+                source,
+            })?;
+        let info = log.info().await.map_err(|source| StreamError::Info {
+            name: settings.name.clone(),
+            source: source.into(),
+        })?;
+        let mut config = info.config.clone();
+        let sources = config.sources.get_or_insert_with(Vec::new);
+        if sources.iter().any(|s| s.name == ingest.name) {
+            return Ok(changed);
+        }
+        changed = true;
+        sources.push(settings.source(agent));
+        js.update_stream(config)
+            .await
+            .map_err(|source| StreamError::Update {
+                name: settings.name.clone(),
+                source,
+            })?;
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_streams_are_per_agent_bounded_and_refuse_when_full() {
+        let settings = StreamSettings::default();
+        let agent = AgentId::new("web-1").unwrap();
+        let ingest = settings.ingest_config(&agent);
+        assert_eq!(ingest.name, "CADDY_FLEET_IN_web-1");
+        assert_eq!(ingest.subjects, ["fleet.web-1.>"]);
+        assert_eq!(ingest.discard, stream::DiscardPolicy::New);
+        assert!(ingest.max_bytes > 0 && ingest.max_message_size > 0);
+        assert!(ingest.duplicate_window <= ingest.max_age);
+
+        let log = settings.to_config(vec![settings.source(&agent)]);
+        assert!(log.subjects.is_empty());
+        assert_eq!(settings.sourced_agents(&log), [agent]);
+        assert!(log.deny_purge && log.deny_delete && !log.allow_rollup);
+    }
 }

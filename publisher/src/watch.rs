@@ -118,6 +118,10 @@ impl Watcher {
         }));
         tokio::pin!(events);
 
+        // A heartbeat first: it is what makes the applier create this
+        // agent's ingest stream, if it has none yet, before any facts.
+        self.heartbeat(sink).await?;
+
         let mut list_filters: HashMap<String, Vec<String>> = HashMap::new();
         if let Some(filter) = &self.config.filter_label {
             list_filters.insert("label".into(), vec![filter.docker_filter()]);
@@ -157,6 +161,7 @@ impl Watcher {
         self.sync(sink).await?;
 
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        heartbeat.reset();
         let mut resync = tokio::time::interval(self.config.sync_interval);
         resync.reset();
         loop {
@@ -171,10 +176,7 @@ impl Watcher {
                     None => return Ok(()),
                 },
                 // Liveness for the applier.
-                _ = heartbeat.tick() => {
-                    let hb = Event::Heartbeat(Heartbeat { agent: self.config.agent.clone(), sent_at_ms: now_ms() });
-                    self.send(&hb, sink).await?;
-                }
+                _ = heartbeat.tick() => self.heartbeat(sink).await?,
                 // Periodic full sync, in case anything was missed.
                 _ = resync.tick() => self.sync(sink).await?,
             }
@@ -274,6 +276,14 @@ impl Watcher {
                 Ok(false)
             }
         }
+    }
+
+    async fn heartbeat<S: EventSink>(&mut self, sink: &mut S) -> Result<(), WatchError> {
+        let hb = Event::Heartbeat(Heartbeat {
+            agent: self.config.agent.clone(),
+            sent_at_ms: now_ms(),
+        });
+        self.send(&hb, sink).await
     }
 
     async fn sync<S: EventSink>(&mut self, sink: &mut S) -> Result<(), WatchError> {

@@ -103,13 +103,27 @@ pub struct Nats {
 impl Nats {
     pub async fn start() -> Nats {
         ensure_images();
-        let container = GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
-            .with_exposed_port(4222.tcp())
-            .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
-            .with_cmd(["-js", "-sd", "/data"])
-            .start()
-            .await
-            .expect("start NATS container");
+        // Docker may hand out a host port another process holds on a busy
+        // machine ("address already in use"): that loses a race, so retry.
+        let mut attempt = 0;
+        let container = loop {
+            attempt += 1;
+            match GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
+                .with_exposed_port(4222.tcp())
+                .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+                .with_cmd(["-js", "-sd", "/data"])
+                .start()
+                .await
+            {
+                Ok(container) => break container,
+                Err(error) if attempt < 5 => {
+                    eprintln!(
+                        "NATS container did not start (attempt {attempt}): {error}; retrying"
+                    );
+                }
+                Err(error) => panic!("start NATS container: {error}"),
+            }
+        };
         let port = container.get_host_port_ipv4(4222).await.expect("NATS port");
         Nats {
             container,
@@ -279,8 +293,22 @@ impl Drop for Running {
 }
 
 /// A publisher for `agent` that watches only containers labeled
-/// `caddy-fleet-test=<filter>` and reports `host_address`.
+/// `caddy-fleet-test=<filter>` and reports `host_address`. Its ingest
+/// stream is created first, as an operator's `agent add` would, so it
+/// publishes whether or not an applier runs.
 pub fn start_publisher(nats: &Nats, agent: &str, filter: &str, host_address: &str) -> Running {
+    start_publisher_with(nats, agent, filter, host_address, true)
+}
+
+/// Like [`start_publisher`]; without `provision`, the agent's ingest stream
+/// is left to the applier to create when it hears the agent.
+pub fn start_publisher_with(
+    nats: &Nats,
+    agent: &str,
+    filter: &str,
+    host_address: &str,
+    provision: bool,
+) -> Running {
     let nats = nats.config();
     let mut config = PublisherConfig::new(AgentId::new(agent).expect("agent id"), host_address);
     config.filter_label = Some(FilterLabel {
@@ -288,6 +316,13 @@ pub fn start_publisher(nats: &Nats, agent: &str, filter: &str, host_address: &st
         value: Some(filter.into()),
     });
     Running::spawn(move |rx| async move {
+        if provision {
+            let client = caddy_fleet::nats::connect(&nats).await?;
+            let js = caddy_fleet::nats::async_nats::jetstream::new(client);
+            let settings = StreamSettings::default();
+            caddy_fleet::nats::ensure_stream(&js, &settings).await?;
+            caddy_fleet::nats::ensure_agent_stream(&js, &settings, &config.agent).await?;
+        }
         caddy_fleet::run_publisher(&nats, config, async {
             let _ = rx.await;
         })
@@ -483,16 +518,66 @@ pub fn synthetic_up(
     })
 }
 
-/// Publishes `events` with message IDs `<run>.<n>`, awaiting acks in
-/// batches of 1,000 (never more in flight than async-nats allows).
+/// Creates the log and the ingest streams of `agents` (what the applier's
+/// provisioning does for agents it hears), with default settings.
+pub async fn ensure_log(
+    js: &caddy_fleet::nats::async_nats::jetstream::Context,
+    agents: &[&str],
+) -> caddy_fleet::nats::async_nats::jetstream::stream::Stream {
+    let settings = StreamSettings::default();
+    let stream = caddy_fleet::nats::ensure_stream(js, &settings)
+        .await
+        .expect("create the log");
+    for agent in agents {
+        let agent = caddy_fleet::schema::AgentId::new(*agent).expect("agent ID");
+        caddy_fleet::nats::ensure_agent_stream(js, &settings, &agent)
+            .await
+            .expect("create an ingest stream");
+    }
+    stream
+}
+
+/// The log's last sequence, once it has sourced at least `at_least` messages.
+pub async fn wait_for_log(
+    stream: &mut caddy_fleet::nats::async_nats::jetstream::stream::Stream,
+    at_least: u64,
+) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = stream.info().await.expect("log info").state.clone();
+        if state.messages >= at_least {
+            return state.last_sequence;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log sourced {} of {at_least} messages",
+            state.messages
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes `events` with message IDs `<run>.<n>` into their agents'
+/// ingest streams (created first), awaiting acks in batches of 1,000
+/// (never more in flight than async-nats allows), then waits until the log
+/// has sourced them all.
 pub async fn publish_batched(
     js: &caddy_fleet::nats::async_nats::jetstream::Context,
     events: impl Iterator<Item = caddy_fleet::schema::Event>,
     run: &str,
 ) {
     use caddy_fleet::nats::async_nats::jetstream::message::PublishMessage;
+    let mut log = ensure_log(js, &[]).await;
+    let before = log.info().await.expect("log info").state.messages;
+    let mut agents = std::collections::BTreeSet::new();
     let mut acks = Vec::new();
+    let mut sent = 0u64;
     for (n, event) in events.enumerate() {
+        if agents.insert(event.agent().clone()) {
+            caddy_fleet::nats::ensure_agent_stream(js, &StreamSettings::default(), event.agent())
+                .await
+                .expect("create an ingest stream");
+        }
         let message = PublishMessage::build()
             .payload(event.encode().into())
             .message_id(format!("{run}.{n}"));
@@ -501,6 +586,7 @@ pub async fn publish_batched(
             .await
             .expect("publish");
         acks.push(std::future::IntoFuture::into_future(ack));
+        sent += 1;
         if acks.len() == 1000 {
             for ack in futures::future::join_all(acks.drain(..)).await {
                 ack.expect("ack");
@@ -509,6 +595,39 @@ pub async fn publish_batched(
     }
     for ack in futures::future::join_all(acks).await {
         ack.expect("ack");
+    }
+    wait_for_log(&mut log, before + sent).await;
+}
+
+/// Publishes one event with `publisher` and returns its sequence in the
+/// log, once the log has sourced it from the agent's ingest stream.
+pub async fn publish_to_log(
+    publisher: &mut caddy_fleet::nats::EventPublisher,
+    log: &caddy_fleet::nats::async_nats::jetstream::stream::Stream,
+    event: &caddy_fleet::schema::Event,
+) -> u64 {
+    let id = publisher.next_id();
+    publisher
+        .publish_with_id(event, &id)
+        .await
+        .expect("publish");
+    let subject = event.subject();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(message) = log.direct_get_last_for_subject(&subject).await {
+            let stored_id = message
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.as_str().to_string());
+            if stored_id.as_deref() == Some(id.as_str()) {
+                return message.sequence;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log never sourced {subject}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
