@@ -166,7 +166,7 @@ pub async fn ensure_stream(
         Ok(mut existing) => {
             let info = existing.info().await.map_err(|source| StreamError::Info {
                 name: settings.name.clone(),
-                source: source.into(),
+                source,
             })?;
             info.config.sources.clone().unwrap_or_default()
         }
@@ -214,7 +214,7 @@ pub async fn ensure_agent_stream(
             })?;
         let info = log.info().await.map_err(|source| StreamError::Info {
             name: settings.name.clone(),
-            source: source.into(),
+            source,
         })?;
         let mut config = info.config.clone();
         let sources = config.sources.get_or_insert_with(Vec::new);
