@@ -29,7 +29,7 @@ async fn the_log_sources_bounded_ingest_streams_and_refuses_purge_and_delete() {
         "{:?}",
         config.subjects
     );
-    assert_eq!(settings.sourced_agents(&config), [a1.clone()]);
+    assert_eq!(settings.sourced_agents(&config), std::slice::from_ref(&a1));
     assert!(
         config.deny_purge && config.deny_delete && !config.allow_rollup,
         "{config:?}"
