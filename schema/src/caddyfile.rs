@@ -129,15 +129,21 @@ impl Caddyfile {
                     }
                 }
             } else {
+                // `line` is where the pending line's last token ended: a
+                // token starting there continues it, even after a quoted
+                // token that spanned lines.
                 match &mut pending {
-                    Some((block, line)) if *line == token.line => block.keys.push(token.text),
+                    Some((block, line)) if *line == token.line => {
+                        block.keys.push(token.text);
+                        *line = token.end_line;
+                    }
                     _ => {
                         if let (Some((block, _)), Some((top, _))) =
                             (pending.take(), stack.last_mut())
                         {
                             push_child(top, block);
                         }
-                        pending = Some((Block::line([token.text]), token.line));
+                        pending = Some((Block::line([token.text]), token.end_line));
                     }
                 }
             }
@@ -302,16 +308,65 @@ fn write_block(out: &mut String, block: &Block, depth: usize) {
     out.push('\n');
 }
 
-/// Quotes one token for the Caddyfile lexer: backticks when it holds a
-/// newline or a double quote, double quotes when it holds whitespace.
+/// Quotes one token so that the Caddyfile lexer (ours and Caddy's) reads
+/// back exactly this token, never more tokens, a brace, a comment or a
+/// heredoc: what a label's author writes cannot break out of its line.
+///
+/// Like caddy-docker-proxy: backticks when the token holds a newline or a
+/// double quote, double quotes when it holds whitespace, bare otherwise.
+/// Beyond it, wherever that would be read differently: a bare `{`, `}`,
+/// a token starting with `#`, `<<`, a backtick or a backslash, one ending
+/// with a backslash, and the empty
+/// token are double-quoted; a token holding both a backtick and a double
+/// quote is double-quoted with `\"` escapes; a double-quoted token that
+/// would end in `\` uses backticks. The few tokens no quoting can carry
+/// (see [`is_representable`]) are refused before they get here.
 pub fn quote_token(token: &str) -> String {
+    let backticked = |t: &str| format!("`{t}`");
+    let double_quoted = |t: &str| format!("\"{}\"", t.replace('"', "\\\""));
+    let has_backtick = token.contains('`');
     if token.contains('\n') || token.contains('"') {
-        format!("`{}`", token.replace('`', "\\`"))
-    } else if token.contains(char::is_whitespace) {
-        format!("\"{token}\"")
+        if !has_backtick {
+            backticked(token)
+        } else {
+            double_quoted(token)
+        }
+    } else if token.contains(char::is_whitespace) || needs_quotes_when_bare(token) {
+        if token.ends_with('\\') && !has_backtick {
+            backticked(token)
+        } else {
+            double_quoted(token)
+        }
     } else {
         token.to_string()
     }
+}
+
+/// Whether a token without whitespace or double quotes would be read as
+/// something else than itself if written bare.
+fn needs_quotes_when_bare(token: &str) -> bool {
+    token.is_empty()
+        || token == "{"
+        || token == "}"
+        || token.starts_with('#')
+        || token.starts_with("<<")
+        || token.starts_with('`')
+        || token.starts_with('\\')
+        || token.ends_with('\\')
+}
+
+/// Whether some quoting carries `token` through the Caddyfile lexer intact.
+/// Backticks carry anything but a backtick; double quotes carry anything in
+/// which no backslash stands before a double quote, a newline or the end.
+pub fn is_representable(token: &str) -> bool {
+    if !token.contains('`') {
+        return true;
+    }
+    let bytes = token.as_bytes();
+    !token.ends_with('\\')
+        && !bytes
+            .windows(2)
+            .any(|w| w[0] == b'\\' && (w[1] == b'"' || w[1] == b'\n'))
 }
 
 #[cfg(test)]
@@ -347,6 +402,11 @@ mod tests {
         assert_eq!(quote_token("a b"), "\"a b\"");
         assert_eq!(quote_token("a\"b"), "`a\"b`");
         assert_eq!(quote_token("a\nb"), "`a\nb`");
+        assert_eq!(quote_token("}"), "\"}\"");
+        assert_eq!(quote_token("#x"), "\"#x\"");
+        assert_eq!(quote_token("<<EOF"), "\"<<EOF\"");
+        assert_eq!(quote_token("a`\"b"), "\"a`\\\"b\"");
+        assert_eq!(quote_token(""), "\"\"");
     }
 
     #[test]
@@ -416,5 +476,75 @@ mod tests {
             a.marshal(),
             "{\n\tdebug\n\temail a@b.c\n}\nx.test {\n\ttls internal\n}\n"
         );
+    }
+}
+
+#[cfg(test)]
+mod round_trip {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Tokens made of what breaks naive quoting: quotes, backticks,
+    /// braces, newlines, `#`, heredoc openers, backslashes, unicode.
+    fn token() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just("\"".to_string()),
+                Just("`".to_string()),
+                Just("{".to_string()),
+                Just("}".to_string()),
+                Just("\n".to_string()),
+                Just(" ".to_string()),
+                Just("\t".to_string()),
+                Just("#".to_string()),
+                Just("<<".to_string()),
+                Just("\\".to_string()),
+                Just("é✓".to_string()),
+                "[a-z0-9.:/@*_-]{1,4}",
+            ],
+            0..6,
+        )
+        .prop_map(|parts| parts.concat())
+        .prop_filter("some quoting can carry it", |t| is_representable(t))
+    }
+
+    fn block() -> impl Strategy<Value = Block> {
+        let leaf = prop::collection::vec(token(), 1..4).prop_map(Block::line);
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            (
+                prop::collection::vec(token(), 1..4),
+                prop::collection::vec(inner, 0..4),
+            )
+                .prop_map(|(keys, children)| Block {
+                    keys,
+                    children,
+                    order: UNORDERED,
+                })
+        })
+    }
+
+    fn without_order(blocks: &mut [Block]) {
+        for b in blocks {
+            b.order = UNORDERED;
+            without_order(&mut b.children);
+        }
+    }
+
+    proptest! {
+        /// Whatever the tokens hold, the lexer and parser read back exactly
+        /// the tree that was marshalled: no token can open or close a
+        /// block, start a comment or a heredoc, or join another line.
+        #[test]
+        fn marshal_then_parse_gives_the_same_tree(blocks in prop::collection::vec(block(), 1..4)) {
+            let file = Caddyfile { blocks };
+            let text = file.marshal();
+            let mut parsed = Caddyfile::parse(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            let mut expected = file.clone();
+            expected.sort();
+            without_order(&mut parsed.blocks);
+            without_order(&mut expected.blocks);
+            prop_assert_eq!(parsed, expected, "{}", text);
+        }
     }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::caddyfile::{Block, Caddyfile, UNORDERED};
+use crate::caddyfile::{is_representable, Block, Caddyfile, UNORDERED};
 use crate::lexer::tokenize;
 use crate::limits::{check_labels, shortened, LimitError, MAX_LABEL_VALUE_BYTES};
 use crate::template::{render, Upstreams};
@@ -186,6 +186,21 @@ pub fn from_labels(
             .keys
             .extend(tokenize(&text).into_iter().map(|t| t.text));
     }
+    // Every token must survive marshalling as itself (see `quote_token`).
+    if let Some(token) = tree
+        .nodes
+        .iter()
+        .flat_map(|n| &n.keys)
+        .find(|k| !is_representable(k))
+    {
+        return Err(LabelError {
+            label: "*".to_string(),
+            reason: format!(
+                "token {:?} holds a backtick and a backslash before a quote, a newline or its end; no Caddyfile quoting can carry it",
+                shortened(token, 64)
+            ),
+        });
+    }
     Ok(Caddyfile {
         blocks: tree.roots.iter().map(|&r| tree.block(r)).collect(),
     })
@@ -297,6 +312,32 @@ mod tests {
         ]
         .into();
         assert!(from_labels(&labels, "caddy", &FixedTargets::default()).is_ok());
+    }
+
+    #[test]
+    fn values_cannot_break_out_of_their_line() {
+        let labels: BTreeMap<String, String> = [
+            ("caddy", "a.test"),
+            ("caddy.respond", "\"x\" } evil.test { respond pwned"),
+            ("caddy.header.}", "`a`"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let text = from_labels(&labels, "caddy", &FixedTargets::default())
+            .unwrap()
+            .marshal();
+        let parsed = Caddyfile::parse(&text).unwrap();
+        assert_eq!(parsed.blocks.len(), 1, "{text}");
+        assert_eq!(parsed.blocks[0].keys, ["a.test"], "{text}");
+
+        let unquotable: BTreeMap<String, String> =
+            [("caddy", "a.test"), ("caddy.respond", "a`\\\"")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let err = from_labels(&unquotable, "caddy", &FixedTargets::default()).unwrap_err();
+        assert!(err.reason.contains("no Caddyfile quoting"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,9 @@ pub struct Token {
     pub text: String,
     /// The 1-based line the token starts on.
     pub line: usize,
+    /// The line it ends on: later than `line` for a quoted token that
+    /// spans lines. The next token on this line continues the same line.
+    pub end_line: usize,
     /// Whether the token was quoted (a quoted `{` is not a brace).
     pub quoted: bool,
 }
@@ -28,10 +31,14 @@ pub fn tokenize(text: &str) -> Vec<Token> {
     let mut comment = false;
     let mut skipped_lines = 0;
 
-    let mut finish = |val: &mut String, was_quoted: &mut bool, start_line: usize| {
+    let mut finish = |val: &mut String, was_quoted: &mut bool, start_line: usize, line: usize| {
         tokens.push(Token {
             text: std::mem::take(val),
             line: start_line,
+            // A bare token ends where it starts (it is finished by the
+            // whitespace after it, newline included); a quoted one at its
+            // closing quote.
+            end_line: if *was_quoted { line } else { start_line },
             quoted: *was_quoted,
         });
         *was_quoted = false;
@@ -48,7 +55,7 @@ pub fn tokenize(text: &str) -> Vec<Token> {
             } else if (quoted && ch == '"') || (backticked && ch == '`') {
                 quoted = false;
                 backticked = false;
-                finish(&mut val, &mut was_quoted, start_line);
+                finish(&mut val, &mut was_quoted, start_line, line);
                 continue;
             } else if quoted && ch == '\\' {
                 escaped = true;
@@ -77,8 +84,13 @@ pub fn tokenize(text: &str) -> Vec<Token> {
                     comment = false;
                 }
             }
+            if escaped {
+                // A backslash before other whitespace ends its token.
+                val.push('\\');
+                escaped = false;
+            }
             if !val.is_empty() {
-                finish(&mut val, &mut was_quoted, start_line);
+                finish(&mut val, &mut was_quoted, start_line, line);
             }
             continue;
         }
@@ -120,7 +132,7 @@ pub fn tokenize(text: &str) -> Vec<Token> {
         }
         // An unclosed quote still yields what it collected, unless empty.
         if !val.is_empty() {
-            finish(&mut val, &mut was_quoted, start_line);
+            finish(&mut val, &mut was_quoted, start_line, line);
         }
     }
     tokens
@@ -167,6 +179,13 @@ mod tests {
     fn backslash_newline_continues_the_line() {
         let tokens = tokenize("a \\\nb\nc");
         assert_eq!(tokens.iter().map(|t| t.line).collect::<Vec<_>>(), [1, 1, 3]);
+    }
+
+    #[test]
+    fn multi_line_tokens_know_where_they_end() {
+        let tokens = tokenize("a `x\ny` b\nc");
+        let lines: Vec<_> = tokens.iter().map(|t| (t.line, t.end_line)).collect();
+        assert_eq!(lines, [(1, 1), (1, 2), (2, 2), (3, 3)]);
     }
 
     #[test]
