@@ -222,3 +222,71 @@ async fn a_broken_container_is_reported_and_the_good_one_still_routed() {
     publisher.stop().await;
     applier.stop().await;
 }
+
+/// Tokens that break naive quoting, marshalled by us and read by Caddy's
+/// own `/adapt`: each stays one argument of its `respond` line, on the one
+/// site that was written, so no label value can add a site or an option.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_reads_back_exactly_the_tokens_we_marshal() {
+    use caddy_fleet::schema::caddyfile::{Block, Caddyfile};
+    let caddy = Caddy::start().await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let tokens = [
+        "plain",
+        "a b",
+        "\"quoted\"",
+        "x\" } evil.test { respond pwned #",
+        "`back`tick",
+        "a`\"b",
+        "}",
+        "{",
+        "#not-a-comment",
+        "<<EOF",
+        "line\nbreak",
+        "trailing\\",
+        "\\#",
+        "é ✓ unicode",
+        "",
+    ];
+    for token in tokens {
+        let file = Caddyfile {
+            blocks: vec![Block::line(["http://adapt.test"])
+                .with_child(Block::line(["respond", token, "200"]))],
+        };
+        let text = format!("{}{}", caddy.base_caddyfile(), file.marshal());
+        let response = client
+            .post(format!("{}/adapt", caddy.admin_url()))
+            .header("Content-Type", "text/caddyfile")
+            .body(text.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let adapted: serde_json::Value = response.json().await.unwrap();
+        assert!(status.is_success(), "{token:?}: {adapted}\n{text}");
+        let servers = &adapted["result"]["apps"]["http"]["servers"];
+        let routes: Vec<&serde_json::Value> = servers
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|s| s["routes"].as_array().unwrap())
+            .collect();
+        assert_eq!(routes.len(), 1, "{token:?} added routes: {adapted}\n{text}");
+        assert_eq!(
+            routes[0]["match"][0]["host"],
+            serde_json::json!(["adapt.test"]),
+            "{token:?}"
+        );
+        let handler = &routes[0]["handle"][0]["routes"][0]["handle"][0];
+        assert_eq!(
+            handler["handler"], "static_response",
+            "{token:?}: {adapted}"
+        );
+        assert_eq!(
+            handler["body"].as_str().unwrap_or(""),
+            token,
+            "{token:?}: {adapted}\n{text}"
+        );
+        assert_eq!(handler["status_code"], 200, "{token:?}: {adapted}");
+    }
+}
