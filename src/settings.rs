@@ -399,7 +399,7 @@ fn rejected(setting: &'static str, message: impl Into<String>) -> SettingsError 
 /// The settings' arguments, as declared (for their names, variables and
 /// defaults), built as clap shows them.
 fn declared() -> Command {
-    let mut command = Settings::augment_args(Command::new("caddy-fleet"));
+    let mut command = Settings::augment_args(Command::new("caddy-fleet").disable_help_flag(true));
     command.build();
     command
 }
@@ -937,5 +937,614 @@ mod text {
         replicas, optional_replicas: super::parse_replicas => usize;
         nats_urls, optional_nats_urls: super::parse_nats_urls => super::NatsUrls;
         switch, optional_switch: super::parse_switch => bool;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Clap reads the process environment: tests that set it take turns.
+    static ENVIRONMENT: Mutex<()> = Mutex::new(());
+
+    /// A TOML file that is removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(text: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "caddy-fleet-settings-{}.toml",
+                uuid::Uuid::new_v4().simple()
+            ));
+            std::fs::write(&path, text).unwrap();
+            TempFile(path)
+        }
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// Every variable the settings read, `--config`'s included.
+    fn variables() -> Vec<String> {
+        declared()
+            .get_arguments()
+            .map(variable)
+            .chain(["CADDY_FLEET_CONFIG".to_string()])
+            .collect()
+    }
+
+    /// Loads the settings as the binary does, from `args` (after the
+    /// program name; `agent` is a subcommand) and exactly the variables `env`.
+    fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let _turn = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
+        for name in variables() {
+            std::env::remove_var(name);
+        }
+        for (name, value) in env {
+            std::env::set_var(name, value);
+        }
+        let command =
+            Settings::command(Command::new("caddy-fleet").subcommand(Command::new("agent")));
+        let parsed = command
+            .try_get_matches_from(std::iter::once("caddy-fleet").chain(args.iter().copied()));
+        for (name, _) in env {
+            std::env::remove_var(name);
+        }
+        match parsed {
+            Ok(matches) => Settings::from_matches(&matches),
+            Err(error) => Err(SettingsError::from_clap(&error)
+                .unwrap_or_else(|| panic!("not a settings error: {error}"))),
+        }
+    }
+
+    fn one_line(error: &SettingsError) -> String {
+        let text = error.to_string();
+        assert!(!text.contains('\n'), "more than one line: {text}");
+        text
+    }
+
+    #[test]
+    fn defaults() {
+        let s = load(&[], &[]).unwrap();
+        assert_eq!(s.agent_mode, Mode::Standalone);
+        assert_eq!(s.agent_id, None);
+        assert_eq!(s.docker_label_prefix, "caddy");
+        assert_eq!(s.caddy_api_url, "http://127.0.0.1:2019");
+        assert_eq!(s.status_listen, "127.0.0.1:9180".parse().unwrap());
+        assert_eq!(s.agent_ttl, None);
+        assert_eq!(s.coalesce_quiet, Duration::from_millis(200));
+        assert_eq!(s.coalesce_max_delay, Duration::from_secs(2));
+        assert_eq!(s.sync_interval, Duration::from_secs(300));
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(s.stream_max_age, Duration::from_secs(7 * 86_400));
+        assert_eq!(s.stream_replicas, 1);
+        assert_eq!(s.nats_url.0, vec!["nats://127.0.0.1:4222".to_string()]);
+        assert!(!s.nats_tls_required);
+        assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flag_beats_variable_beats_file_beats_default() {
+        let file = TempFile::new(
+            "agent_id = \"from-file\"\nhost_ip = \"10.0.0.1\"\nnats_url = \"nats://file:4222\"\nstream_replicas = 3\n",
+        );
+        let s = load(
+            &["--config", file.path(), "--agent-id", "from-flag"],
+            &[
+                ("AGENT_ID", "from-env"),
+                ("NATS_URL", "nats://env:4222"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.agent_id, Some(AgentId::new("from-flag").unwrap()));
+        assert_eq!(s.nats_url.0, vec!["nats://env:4222".to_string()]);
+        assert_eq!(s.host_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(s.stream_replicas, 3);
+        assert_eq!(s.docker_label_prefix, "caddy");
+        assert_eq!(s.agent_mode, Mode::Standalone);
+    }
+
+    #[test]
+    fn the_file_is_named_by_flag_or_variable_and_flags_follow_subcommands() {
+        let file = TempFile::new("docker_label_prefix = \"fleet\"\n");
+        let by_variable = load(&["agent"], &[("CADDY_FLEET_CONFIG", file.path())]).unwrap();
+        assert_eq!(by_variable.docker_label_prefix, "fleet");
+        let after_subcommand = load(
+            &["agent", "--config", file.path(), "--agent-id", "web-1"],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(after_subcommand.docker_label_prefix, "fleet");
+        assert_eq!(after_subcommand.agent(), AgentId::new("web-1").unwrap());
+    }
+
+    #[test]
+    fn variables_are_typed() {
+        let s = load(
+            &[],
+            &[
+                ("AGENT_MODE", "server"),
+                ("NATS_TLS_REQUIRED", "yes"),
+                ("STREAM_REPLICAS", "3"),
+                ("STREAM_MAX_AGE", "1m30s"),
+                ("AGENT_TTL", "90"),
+                ("AGENT_FILTER_LABEL", "fleet=edge"),
+                ("NATS_URL", "nats://a:4222, nats://b:4222"),
+                ("LOG_FORMAT", "json"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.agent_mode, Mode::Server);
+        assert!(s.nats_tls_required);
+        assert_eq!(s.stream_replicas, 3);
+        assert_eq!(s.stream_max_age, Duration::from_secs(90));
+        assert_eq!(s.agent_ttl, Some(Duration::from_secs(90)));
+        assert_eq!(s.agent_filter_label, Some("fleet=edge".parse().unwrap()));
+        assert_eq!(s.nats_url.0, vec!["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(s.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn file_values_are_typed() {
+        let file = TempFile::new(
+            "agent_mode = \"applier\"\nnats_tls_required = true\nstream_replicas = 5\nstream_max_age = \"1h30m\"\ncoalesce_quiet = 1\nstatus_listen = \"0.0.0.0:9999\"\n",
+        );
+        let s = load(&["--config", file.path()], &[]).unwrap();
+        assert_eq!(s.agent_mode, Mode::Applier);
+        assert!(s.nats_tls_required);
+        assert_eq!(s.stream_replicas, 5);
+        assert_eq!(s.stream_max_age, Duration::from_secs(5400));
+        assert_eq!(s.coalesce_quiet, Duration::from_secs(1));
+        assert_eq!(s.status_listen, "0.0.0.0:9999".parse().unwrap());
+    }
+
+    #[test]
+    fn an_empty_variable_counts_as_unset() {
+        let file = TempFile::new("host_ip = \"10.0.0.1\"\n");
+        let s = load(
+            &["--config", file.path()],
+            &[
+                ("HOST_IP", ""),
+                ("NATS_USER", ""),
+                ("NATS_PASSWORD", ""),
+                ("DOCKER_LABEL_PREFIX", ""),
+                ("NATS_TLS_REQUIRED", ""),
+                ("STREAM_REPLICAS", ""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.host_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!((s.nats_user, s.nats_password), (None, None));
+        assert_eq!(s.docker_label_prefix, "caddy");
+        assert!(!s.nats_tls_required);
+        assert_eq!(s.stream_replicas, 1);
+    }
+
+    #[test]
+    fn every_declared_setting_is_a_file_key() {
+        let file = TempFile::new(
+            r#"
+agent_mode = "agent"
+agent_id = "web-1"
+host_ip = "10.0.0.1"
+docker_label_prefix = "caddy"
+agent_filter_label = "fleet"
+caddy_api_url = "http://127.0.0.1:2019"
+caddy_base_caddyfile = "/etc/caddy/Caddyfile"
+caddy_ingress_network = "ingress"
+applier_name = "main"
+status_listen = "127.0.0.1:9180"
+agent_ttl = "90s"
+coalesce_quiet = "200ms"
+coalesce_max_delay = "2s"
+sync_interval = "5m"
+heartbeat_interval = "10s"
+stream_max_age = "7d"
+stream_replicas = 1
+nats_url = "nats://nats:4222"
+nats_token = "t"
+nats_user = "u"
+nats_password = "p"
+nats_creds_file = "/etc/agent.creds"
+nats_tls_required = false
+nats_tls_ca = "/etc/ca.pem"
+nats_tls_cert = "/etc/cert.pem"
+nats_tls_key = "/etc/key.pem"
+log_format = "json"
+"#,
+        );
+        load(&["--config", file.path()], &[]).unwrap();
+        let keys: Vec<String> = std::fs::read_to_string(&file.0)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.to_string()))
+            .collect();
+        let declared: Vec<String> = declared()
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert_eq!(
+            keys, declared,
+            "the file above lists every setting, in order"
+        );
+    }
+
+    #[test]
+    fn file_errors_are_typed_and_name_the_key() {
+        let unknown = TempFile::new("nats_urll = \"nats://x:4222\"\n");
+        let err = load(&["--config", unknown.path()], &[]).unwrap_err();
+        assert!(
+            matches!(&err, SettingsError::UnknownKey { key, .. } if key == "nats_urll"),
+            "{err:?}"
+        );
+        assert!(one_line(&err).contains("unknown setting `nats_urll`"));
+
+        let nested = TempFile::new("[nats]\nurl = \"nats://x:4222\"\n");
+        let err = load(&["--config", nested.path()], &[]).unwrap_err();
+        assert!(
+            matches!(&err, SettingsError::UnknownKey { key, .. } if key == "nats"),
+            "{err:?}"
+        );
+
+        let bad = TempFile::new("stream_max_age = \"a week\"\n");
+        let err = load(&["--config", bad.path()], &[]).unwrap_err();
+        assert!(
+            matches!(&err, SettingsError::InvalidFileValue { key, .. } if key == "stream_max_age"),
+            "{err:?}"
+        );
+        assert!(one_line(&err).contains("stream_max_age: \"a week\" is not a duration"));
+
+        let wrong_type = TempFile::new("stream_replicas = [1]\n");
+        let err = load(&["--config", wrong_type.path()], &[]).unwrap_err();
+        assert!(
+            matches!(&err, SettingsError::InvalidFileValue { key, .. } if key == "stream_replicas"),
+            "{err:?}"
+        );
+        one_line(&err);
+
+        let syntax = TempFile::new("agent_id = \"a\"\nnats_url = \n");
+        let err = load(&["--config", syntax.path()], &[]).unwrap_err();
+        assert!(
+            matches!(err, SettingsError::MalformedFile { line: Some(2), .. }),
+            "{err:?}"
+        );
+        assert!(one_line(&err).contains("not valid TOML at line 2"));
+
+        let err = load(&["--config", "/nonexistent/fleet.toml"], &[]).unwrap_err();
+        assert!(
+            matches!(err, SettingsError::UnreadableFile { .. }),
+            "{err:?}"
+        );
+        assert!(one_line(&err).starts_with("--config /nonexistent/fleet.toml: cannot read it"));
+    }
+
+    #[test]
+    fn flag_and_variable_errors_name_the_variable() {
+        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+            (
+                &[],
+                &[("AGENT_MODE", "edge")],
+                "AGENT_MODE: \"edge\" is not a mode",
+            ),
+            (
+                &["--agent-mode", "edge"],
+                &[],
+                "AGENT_MODE: \"edge\" is not a mode",
+            ),
+            (
+                &[],
+                &[("AGENT_ID", "web.1")],
+                "AGENT_ID: invalid agent ID \"web.1\"",
+            ),
+            (
+                &["agent", "--agent-id", "web 1"],
+                &[("AGENT_ID", "fine")],
+                "AGENT_ID: invalid agent ID \"web 1\"",
+            ),
+            (
+                &[],
+                &[("HOST_IP", "not an address")],
+                "HOST_IP: \"not an address\" is neither an IP address nor a DNS name",
+            ),
+            (
+                &[],
+                &[("AGENT_FILTER_LABEL", "=x")],
+                "AGENT_FILTER_LABEL: invalid AGENT_FILTER_LABEL",
+            ),
+            (
+                &["--caddy-api-url", "localhost:2019"],
+                &[],
+                "CADDY_API_URL: malformed URL \"localhost:2019\"",
+            ),
+            (
+                &[],
+                &[("CADDY_API_URL", "http://")],
+                "CADDY_API_URL: malformed URL",
+            ),
+            (
+                &[],
+                &[("APPLIER_NAME", "main applier")],
+                "APPLIER_NAME: invalid name \"main applier\"",
+            ),
+            (
+                &[],
+                &[("STATUS_LISTEN", "9180")],
+                "STATUS_LISTEN: \"9180\" is not an address",
+            ),
+            (
+                &[],
+                &[("AGENT_TTL", "soon")],
+                "AGENT_TTL: \"soon\" is not a duration",
+            ),
+            (
+                &[],
+                &[("COALESCE_QUIET", "1,5s")],
+                "COALESCE_QUIET: \"1,5s\" is not a duration",
+            ),
+            (
+                &[],
+                &[("COALESCE_MAX_DELAY", "2 parsecs")],
+                "COALESCE_MAX_DELAY: \"2 parsecs\" is not a duration",
+            ),
+            (
+                &[],
+                &[("SYNC_INTERVAL", "-5m")],
+                "SYNC_INTERVAL: \"-5m\" is not a duration",
+            ),
+            (
+                &["--heartbeat-interval", "10x"],
+                &[],
+                "HEARTBEAT_INTERVAL: \"10x\" is not a duration",
+            ),
+            (
+                &[],
+                &[("STREAM_MAX_AGE", "300000000000000d")],
+                "STREAM_MAX_AGE: \"300000000000000d\" is too long",
+            ),
+            (
+                &[],
+                &[("STREAM_REPLICAS", "7")],
+                "STREAM_REPLICAS: 7 replicas: use 1 to 5",
+            ),
+            (
+                &[],
+                &[("STREAM_REPLICAS", "three")],
+                "STREAM_REPLICAS: \"three\" is not a number of replicas",
+            ),
+            (
+                &[],
+                &[("NATS_URL", "nats://bad host:x")],
+                "NATS_URL: malformed URL \"nats://bad host:x\"",
+            ),
+            (&[], &[("NATS_URL", " , ")], "NATS_URL: no URL given"),
+            (
+                &[],
+                &[("NATS_TLS_REQUIRED", "maybe")],
+                "NATS_TLS_REQUIRED: \"maybe\" is not a yes or no",
+            ),
+            (
+                &[],
+                &[("LOG_FORMAT", "xml")],
+                "LOG_FORMAT: \"xml\" is not a log format",
+            ),
+        ];
+        for (args, env, expected) in cases {
+            let err = load(args, env).expect_err(expected);
+            assert!(
+                matches!(err, SettingsError::InvalidValue { .. }),
+                "{expected}: {err:?}"
+            );
+            let text = one_line(&err);
+            assert!(
+                text.starts_with(expected),
+                "{text:?} should start with {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_that_do_not_work_together_are_refused_in_one_line() {
+        let nats = |env: &[(&str, &str)]| load(&[], env).unwrap().nats_config("t".into());
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("NATS_USER", "u")],
+                "NATS_PASSWORD: NATS_USER is set without a password",
+            ),
+            (
+                &[("NATS_PASSWORD", "p")],
+                "NATS_USER: NATS_PASSWORD is set without a user",
+            ),
+            (
+                &[
+                    ("NATS_TOKEN", "t"),
+                    ("NATS_USER", "u"),
+                    ("NATS_PASSWORD", "p"),
+                ],
+                "NATS_TOKEN: several NATS credentials are set",
+            ),
+            (
+                &[("NATS_CREDS_FILE", "/nonexistent/agent.creds")],
+                "NATS_CREDS_FILE: cannot read /nonexistent/agent.creds",
+            ),
+            (
+                &[("NATS_TLS_CA", "/nonexistent/ca.pem")],
+                "NATS_TLS_CA: cannot read /nonexistent/ca.pem",
+            ),
+            (
+                &[("NATS_TLS_CERT", "/nonexistent/cert.pem")],
+                "NATS_TLS_CERT: cannot read /nonexistent/cert.pem",
+            ),
+            (
+                &[("NATS_TLS_KEY", "/nonexistent/key.pem")],
+                "NATS_TLS_KEY: cannot read /nonexistent/key.pem",
+            ),
+        ];
+        for (env, expected) in cases {
+            let err = nats(env).expect_err(expected);
+            let text = one_line(&err);
+            assert!(
+                text.starts_with(expected),
+                "{text:?} should start with {expected:?}"
+            );
+        }
+        let certificate = TempFile::new("not really a certificate");
+        let err = nats(&[("NATS_TLS_CERT", certificate.path())]).unwrap_err();
+        assert!(one_line(&err).starts_with("NATS_TLS_CERT: a client certificate needs its key"));
+
+        let err = load(&[], &[("CADDY_BASE_CADDYFILE", "/nonexistent/Caddyfile")])
+            .unwrap()
+            .applier_config(None)
+            .unwrap_err();
+        assert!(
+            one_line(&err).starts_with("CADDY_BASE_CADDYFILE: cannot read /nonexistent/Caddyfile")
+        );
+    }
+
+    #[test]
+    fn settings_become_the_components_configurations() {
+        let s = load(
+            &[],
+            &[
+                ("AGENT_ID", "web-1"),
+                ("HOST_IP", "10.0.0.7"),
+                ("DOCKER_LABEL_PREFIX", "fleet"),
+                ("SYNC_INTERVAL", "1m"),
+                ("COALESCE_QUIET", "1s"),
+                ("AGENT_TTL", "2m"),
+                ("CADDY_INGRESS_NETWORK", "ingress"),
+                ("STREAM_MAX_AGE", "2d"),
+                ("STREAM_REPLICAS", "3"),
+                ("NATS_USER", "agent1"),
+                ("NATS_PASSWORD", "secret"),
+            ],
+        )
+        .unwrap();
+        let agent = s.agent();
+        let publisher = s.publisher_config(&agent).unwrap();
+        assert_eq!(publisher.host_address, "10.0.0.7");
+        assert_eq!(publisher.label_prefix, "fleet");
+        assert_eq!(publisher.sync_interval, Duration::from_secs(60));
+        let applier = s.applier_config(Some(&agent)).unwrap();
+        assert_eq!(applier.name, "web-1");
+        assert_eq!(applier.quiet_window, Duration::from_secs(1));
+        assert_eq!(applier.agent_ttl, Some(Duration::from_secs(120)));
+        assert_eq!(applier.translate.label_prefix, "fleet");
+        assert_eq!(applier.translate.local.unwrap().network, "ingress");
+        let stream = s.stream();
+        assert_eq!(
+            (stream.max_age, stream.replicas),
+            (Duration::from_secs(2 * 86_400), 3)
+        );
+        let nats = s.publisher_nats_config(&agent).unwrap();
+        assert_eq!(nats.inbox_prefix.as_deref(), Some("_INBOX_web-1"));
+        assert!(matches!(nats.auth, NatsAuth::UserPassword { .. }));
+    }
+
+    #[test]
+    fn durations() {
+        let ok = |text: &str| parse_duration(text).unwrap();
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("1m30s"), Duration::from_secs(90));
+        assert_eq!(ok("1h 30m"), Duration::from_secs(5400));
+        assert_eq!(ok("5m"), Duration::from_secs(300));
+        assert_eq!(ok("7d"), Duration::from_secs(7 * 86_400));
+        assert_eq!(ok(" 2s "), Duration::from_secs(2));
+        assert_eq!(ok("0s"), Duration::ZERO);
+        assert_eq!(ok("1.5h"), Duration::from_secs(5400));
+        assert_eq!(ok("7"), Duration::from_secs(7), "a bare number is seconds");
+        assert_eq!(ok("36500d"), MAX_DURATION);
+        for too_long in [
+            "36501d",
+            "300000000000000d",
+            "18446744073709551616",
+            "99999999999999999999999s",
+        ] {
+            assert!(
+                matches!(parse_duration(too_long), Err(DurationError::TooLong { .. })),
+                "{too_long}: {:?}",
+                parse_duration(too_long)
+            );
+        }
+        for malformed in ["", "soon", "1,5h", "-5s", "5 parsecs", "ms"] {
+            assert!(
+                matches!(
+                    parse_duration(malformed),
+                    Err(DurationError::Malformed { .. })
+                ),
+                "{malformed}: {:?}",
+                parse_duration(malformed)
+            );
+        }
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Settings::command(Command::new("caddy-fleet")).debug_assert();
+    }
+
+    /// The README's settings table lists exactly the declared settings,
+    /// each with its file key and default.
+    #[test]
+    fn the_readme_settings_table_matches_the_declaration() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Settings\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README has a Settings section");
+        let rows: Vec<Vec<&str>> = section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+            .collect();
+        let names = |cell: &str| -> Vec<String> {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|name| {
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        let mut in_readme: Vec<String> = rows.iter().flat_map(|row| names(row[0])).collect();
+        let mut declared_variables: Vec<String> =
+            declared().get_arguments().map(variable).collect();
+        in_readme.sort();
+        declared_variables.sort();
+        assert_eq!(
+            in_readme, declared_variables,
+            "README settings table vs. the settings declared in src/settings.rs"
+        );
+        let declared = declared();
+        for row in rows.iter().filter(|row| names(row[0]).len() == 1) {
+            let name = &names(row[0])[0];
+            let arg = declared
+                .get_arguments()
+                .find(|arg| variable(arg) == *name)
+                .unwrap();
+            let key = arg.get_id().as_str();
+            assert!(
+                row[0].contains(&format!("`{key}`")),
+                "{name}: file key `{key}` missing"
+            );
+            if let Some(default) = arg.get_default_values().first() {
+                let default = format!("`{}`", default.to_string_lossy());
+                assert!(
+                    row[2].contains(&default),
+                    "{name}: README default {:?}, declared {default}",
+                    row[2]
+                );
+            }
+        }
     }
 }
