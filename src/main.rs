@@ -20,9 +20,8 @@ use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 /// environment variable (the flag's name upper-cased with `_`, e.g.
 /// NATS_URL), the --config TOML file (lower-cased, e.g. nats_url), or its
 /// default. See the README's settings table.
-///
-/// The settings' flags come from [`Settings`], which [`Settings::command`]
-/// adds to this command.
+// (The settings' flags come from `Settings`, which `Settings::command`
+// adds to this command.)
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -256,15 +255,21 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints `error` as one line and returns exit status 1.
-fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+/// `error`'s Display on one line (an error from another crate may span
+/// several).
+fn one_line(error: &dyn std::fmt::Display) -> String {
     let text = error.to_string();
-    let line: Vec<&str> = text
+    let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    eprintln!("error: {}", line.join(" "));
+    lines.join(" ")
+}
+
+/// Prints `error: <error>` as one line on stderr and returns exit status 1.
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {}", one_line(error));
     ExitCode::FAILURE
 }
 
@@ -289,5 +294,22 @@ async fn main() -> ExitCode {
     match run(cli, settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Settings::command(Cli::command()).debug_assert();
+    }
+
+    #[test]
+    fn errors_are_printed_on_one_line() {
+        let error = anyhow!("first line\n  second line\n");
+        assert_eq!(one_line(&error), "first line second line");
+        assert_eq!(fail(&error), ExitCode::FAILURE);
     }
 }

@@ -37,6 +37,7 @@ use caddy_fleet_publisher::config::InvalidFilterLabel;
 use caddy_fleet_publisher::{FilterLabel, PublisherConfig};
 use caddy_fleet_schema::translate::LocalNetwork;
 use caddy_fleet_schema::{AgentId, InvalidAgentId};
+use clap::builder::Resettable;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Command};
 use serde::Deserialize;
@@ -431,15 +432,21 @@ fn ignoring_empty_variables(command: Command) -> Command {
 impl Settings {
     /// Adds `--config` and every setting's flag and variable to `command`.
     pub fn command(command: Command) -> Command {
-        let command = Settings::augment_args(command).arg(
-            Arg::new(CONFIG_FILE)
-                .long("config")
-                .env("CADDY_FLEET_CONFIG")
-                .global(true)
-                .value_name("FILE")
-                .value_parser(clap::value_parser!(PathBuf))
-                .help("A TOML file of settings (keys like nats_url = \"nats://nats:4222\")"),
-        );
+        // The derive would make this struct's doc comment the command's.
+        let about = command.get_about().cloned();
+        let long_about = command.get_long_about().cloned();
+        let command = Settings::augment_args(command)
+            .about(about.map_or(Resettable::Reset, Resettable::Value))
+            .long_about(long_about.map_or(Resettable::Reset, Resettable::Value))
+            .arg(
+                Arg::new(CONFIG_FILE)
+                    .long("config")
+                    .env("CADDY_FLEET_CONFIG")
+                    .global(true)
+                    .value_name("FILE")
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .help("A TOML file of settings (keys like nats_url = \"nats://nats:4222\")"),
+            );
         ignoring_empty_variables(command)
     }
 
@@ -1229,7 +1236,8 @@ log_format = "json"
 
     #[test]
     fn flag_and_variable_errors_name_the_variable() {
-        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (
                 &[],
                 &[("AGENT_MODE", "edge")],
