@@ -347,20 +347,6 @@ pub enum SettingsError {
 }
 
 impl SettingsError {
-    /// The setting the error is about: its variable, or the file key.
-    pub fn setting(&self) -> &str {
-        match self {
-            SettingsError::InvalidValue { setting, .. } => setting,
-            SettingsError::Rejected { setting, .. } => setting,
-            SettingsError::UnknownKey { key, .. } | SettingsError::InvalidFileValue { key, .. } => {
-                key
-            }
-            SettingsError::UnreadableFile { .. } | SettingsError::MalformedFile { .. } => {
-                "CADDY_FLEET_CONFIG"
-            }
-        }
-    }
-
     /// The settings error a clap error is, when clap refused the value of a
     /// setting's flag or variable; `None` for usage errors (and help).
     pub fn from_clap(error: &clap::Error) -> Option<SettingsError> {
@@ -708,9 +694,9 @@ fn deserialize_error(
     let file = file.map(Path::to_path_buf).unwrap_or_default();
     let reason = reason(error.into_inner());
     let Some(key) = key else {
-        return SettingsError::InvalidFileValue {
+        return SettingsError::MalformedFile {
             file,
-            key: String::new(),
+            line: None,
             reason,
         };
     };
