@@ -677,19 +677,19 @@ pub async fn run(
         label_prefix: settings.docker_label_prefix.clone(),
         local: None,
     };
-    if let (Some(network), Ok(agent)) = (&settings.caddy_ingress_network, settings.agent()) {
+    if let Some(network) = &settings.caddy_ingress_network {
         options.local = Some(caddy_fleet_schema::translate::LocalNetwork {
-            agent,
+            agent: settings.agent(),
             network: network.clone(),
         });
     }
-    let nats = settings.nats("caddy-fleet-inspect".into())?;
+    let nats = settings.nats_config("caddy-fleet-inspect".into())?;
     let to_json = |v: &dyn erased::Json| v.to_json();
     let out = match command {
         Inspect::Routes => {
             let status_url = format!("http://{}", settings.status_listen);
             let live = live_routes(&status_url).await;
-            let reader = LogReader::open(&nats, settings.applier().ok(), options)
+            let reader = LogReader::open(&nats, Some(settings.applier_name()), options)
                 .await
                 .map_err(fleet)?;
             let timed_routes = match live {
@@ -709,7 +709,7 @@ pub async fn run(
             since,
             until,
         } => {
-            let reader = LogReader::open(&nats, settings.applier().ok(), options)
+            let reader = LogReader::open(&nats, Some(settings.applier_name()), options)
                 .await
                 .map_err(fleet)?;
             let lines = history(&reader, &filter, since, until)
@@ -722,7 +722,7 @@ pub async fn run(
             }
         }
         Inspect::Replay { at, format } => {
-            let reader = LogReader::open(&nats, settings.applier().ok(), options)
+            let reader = LogReader::open(&nats, Some(settings.applier_name()), options)
                 .await
                 .map_err(fleet)?;
             let (seq, state) = reader.state_at(at).await.map_err(fleet)?;
@@ -763,7 +763,7 @@ pub async fn run(
                         text
                     } else {
                         let caddy =
-                            caddy_fleet_applier::caddy::CaddyAdmin::new(&settings.caddy_api()?)
+                            caddy_fleet_applier::caddy::CaddyAdmin::new(&settings.caddy_api_url)
                                 .map_err(|e| fleet(HistoryError::Adapt(e.to_string())))?;
                         let adapted = caddy
                             .adapt(&text)
@@ -775,7 +775,7 @@ pub async fn run(
             }
         }
         Inspect::Diff { from, to } => {
-            let reader = LogReader::open(&nats, settings.applier().ok(), options)
+            let reader = LogReader::open(&nats, Some(settings.applier_name()), options)
                 .await
                 .map_err(fleet)?;
             let (a, b, d) = diff_between(&reader, from, to).await.map_err(fleet)?;
@@ -786,7 +786,7 @@ pub async fn run(
             }
         }
         Inspect::Explain { domain, at } => {
-            let reader = LogReader::open(&nats, settings.applier().ok(), options)
+            let reader = LogReader::open(&nats, Some(settings.applier_name()), options)
                 .await
                 .map_err(fleet)?;
             let (seq, entries) = explain_at(&reader, &domain, at).await.map_err(fleet)?;

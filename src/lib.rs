@@ -197,17 +197,30 @@ pub enum LabelsError {
     },
     #[error("container {container} has no labels under the prefix {prefix:?}")]
     NotLabeled { container: String, prefix: String },
+    #[error("no labels under the prefix {prefix:?} (DOCKER_LABEL_PREFIX): write e.g. {prefix} = example.com")]
+    NoLabels { prefix: String },
 }
 
 /// The Caddyfile for labels given in caddy-docker-proxy's golden-file
 /// format (`KEY = VALUE` lines), with `{{upstreams}}` standing for
-/// `targets`, as `caddy-fleet labels` prints it.
+/// `targets`, as `caddy-fleet labels` prints it. Labels of which none is
+/// under `prefix` are an error (most likely the wrong prefix), not an
+/// empty Caddyfile.
 pub fn labels_caddyfile(
     text: &str,
     prefix: &str,
     targets: Vec<String>,
 ) -> Result<String, LabelsError> {
     let labels = caddy_fleet_schema::labels::parse_golden_labels(text);
+    let under_prefix = |key: &str| {
+        key.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '_']))
+    };
+    if !labels.keys().any(|key| under_prefix(key)) {
+        return Err(LabelsError::NoLabels {
+            prefix: prefix.to_string(),
+        });
+    }
     let upstreams = caddy_fleet_schema::template::FixedTargets(targets);
     Ok(caddy_fleet_schema::labels::from_labels(&labels, prefix, &upstreams)?.marshal())
 }
@@ -254,4 +267,21 @@ pub async fn container_caddyfile(
         )?,
     };
     Ok(file.marshal())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_under_another_prefix_are_an_error_not_an_empty_caddyfile() {
+        let labels = "fleet = a.test\nfleet.reverse_proxy = {{upstreams 80}}\n";
+        assert_eq!(
+            labels_caddyfile(labels, "fleet", vec!["x".into()]).unwrap(),
+            "a.test {\n\treverse_proxy x:80\n}\n"
+        );
+        let err = labels_caddyfile(labels, "caddy", vec!["x".into()]).unwrap_err();
+        assert!(matches!(err, LabelsError::NoLabels { .. }), "{err}");
+        assert!(labels_caddyfile("caddy_0 = b.test\n", "caddy", vec![]).is_ok());
+    }
 }

@@ -1,12 +1,18 @@
-//! The `caddy-fleet` binary: parses settings, sets up logging and runs one
-//! mode from the library.
+//! The `caddy-fleet` binary: parses the command line and the settings,
+//! sets up logging and runs one mode or command from the library.
+//!
+//! Any error ends the process with exit status 1 and one line on stderr,
+//! `error: <what went wrong>`: its Display, never a Debug dump or a
+//! backtrace (whatever RUST_BACKTRACE says).
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::Context as _;
+use anyhow::anyhow;
 use caddy_fleet::history::{HistoryFilter, Inspect, ReplayFormat};
-use caddy_fleet::settings::{Mode, Settings};
-use clap::{Args, Parser, Subcommand};
+use caddy_fleet::settings::{LogFormat, Mode, Settings, SettingsError};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 /// One Caddy front door for a fleet of plain Docker hosts, driven by container labels.
 ///
@@ -14,14 +20,11 @@ use clap::{Args, Parser, Subcommand};
 /// environment variable (the flag's name upper-cased with `_`, e.g.
 /// NATS_URL), the --config TOML file (lower-cased, e.g. nats_url), or its
 /// default. See the README's settings table.
+// (The settings' flags come from `Settings`, which `Settings::command`
+// adds to this command.)
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// A TOML file of settings (keys like `nats_url = "nats://nats:4222"`).
-    #[arg(long, global = true, env = "CADDY_FLEET_CONFIG")]
-    config: Option<PathBuf>,
-    #[command(flatten)]
-    flags: Flags,
     /// What to run; without one, AGENT_MODE decides (default standalone).
     #[command(subcommand)]
     command: Option<Command>,
@@ -115,129 +118,6 @@ struct ExplainArgs {
     json: JsonArg,
 }
 
-/// Settings as flags; each overrides its environment variable and the file.
-#[derive(Args)]
-struct Flags {
-    /// standalone | server | agent (AGENT_MODE)
-    #[arg(long, global = true)]
-    agent_mode: Option<String>,
-    /// This host's agent ID (AGENT_ID)
-    #[arg(long, global = true)]
-    agent_id: Option<String>,
-    /// Address other hosts reach this host's published ports at (HOST_IP)
-    #[arg(long, global = true)]
-    host_ip: Option<String>,
-    /// Label prefix (DOCKER_LABEL_PREFIX)
-    #[arg(long, global = true)]
-    docker_label_prefix: Option<String>,
-    /// Only containers with this label (AGENT_FILTER_LABEL)
-    #[arg(long, global = true)]
-    agent_filter_label: Option<String>,
-    /// Caddy's admin API (CADDY_API_URL)
-    #[arg(long, global = true)]
-    caddy_api_url: Option<String>,
-    /// The Caddyfile Caddy runs with (CADDY_BASE_CADDYFILE)
-    #[arg(long, global = true)]
-    caddy_base_caddyfile: Option<String>,
-    /// The applier's name (APPLIER_NAME)
-    #[arg(long, global = true)]
-    applier_name: Option<String>,
-    /// Status endpoints address (STATUS_LISTEN)
-    #[arg(long, global = true)]
-    status_listen: Option<String>,
-    /// Remove a silent agent's routes after this long (AGENT_TTL)
-    #[arg(long, global = true)]
-    agent_ttl: Option<String>,
-    /// Push once no event came for this long (COALESCE_QUIET)
-    #[arg(long, global = true)]
-    coalesce_quiet: Option<String>,
-    /// Longest delay of a push in a burst (COALESCE_MAX_DELAY)
-    #[arg(long, global = true)]
-    coalesce_max_delay: Option<String>,
-    /// Full sync period (SYNC_INTERVAL)
-    #[arg(long, global = true)]
-    sync_interval: Option<String>,
-    /// Heartbeat period (HEARTBEAT_INTERVAL)
-    #[arg(long, global = true)]
-    heartbeat_interval: Option<String>,
-    /// Docker network shared with Caddy (CADDY_INGRESS_NETWORK)
-    #[arg(long, global = true)]
-    caddy_ingress_network: Option<String>,
-    /// History kept by the log, e.g. 7d (STREAM_MAX_AGE)
-    #[arg(long, global = true)]
-    stream_max_age: Option<String>,
-    /// Stream replicas (STREAM_REPLICAS)
-    #[arg(long, global = true)]
-    stream_replicas: Option<String>,
-    /// NATS servers, comma-separated (NATS_URL)
-    #[arg(long, global = true)]
-    nats_url: Option<String>,
-    /// NATS token (NATS_TOKEN)
-    #[arg(long, global = true)]
-    nats_token: Option<String>,
-    /// NATS user (NATS_USER)
-    #[arg(long, global = true)]
-    nats_user: Option<String>,
-    /// NATS password (NATS_PASSWORD)
-    #[arg(long, global = true)]
-    nats_password: Option<String>,
-    /// NATS credentials file (NATS_CREDS_FILE)
-    #[arg(long, global = true)]
-    nats_creds_file: Option<String>,
-    /// Require TLS to NATS (NATS_TLS_REQUIRED)
-    #[arg(long, global = true)]
-    nats_tls_required: bool,
-    /// CA bundle for NATS (NATS_TLS_CA)
-    #[arg(long, global = true)]
-    nats_tls_ca: Option<String>,
-    /// Client certificate for NATS (NATS_TLS_CERT)
-    #[arg(long, global = true)]
-    nats_tls_cert: Option<String>,
-    /// Client key for NATS (NATS_TLS_KEY)
-    #[arg(long, global = true)]
-    nats_tls_key: Option<String>,
-}
-
-impl Flags {
-    fn given(self) -> Vec<(&'static str, String)> {
-        let pairs = [
-            ("agent_mode", self.agent_mode),
-            ("agent_id", self.agent_id),
-            ("host_ip", self.host_ip),
-            ("docker_label_prefix", self.docker_label_prefix),
-            ("agent_filter_label", self.agent_filter_label),
-            ("caddy_api_url", self.caddy_api_url),
-            ("caddy_base_caddyfile", self.caddy_base_caddyfile),
-            ("applier_name", self.applier_name),
-            ("status_listen", self.status_listen),
-            ("agent_ttl", self.agent_ttl),
-            ("coalesce_quiet", self.coalesce_quiet),
-            ("coalesce_max_delay", self.coalesce_max_delay),
-            ("sync_interval", self.sync_interval),
-            ("heartbeat_interval", self.heartbeat_interval),
-            ("caddy_ingress_network", self.caddy_ingress_network),
-            ("stream_max_age", self.stream_max_age),
-            ("stream_replicas", self.stream_replicas),
-            ("nats_url", self.nats_url),
-            ("nats_token", self.nats_token),
-            ("nats_user", self.nats_user),
-            ("nats_password", self.nats_password),
-            ("nats_creds_file", self.nats_creds_file),
-            (
-                "nats_tls_required",
-                self.nats_tls_required.then(|| "true".to_string()),
-            ),
-            ("nats_tls_ca", self.nats_tls_ca),
-            ("nats_tls_cert", self.nats_tls_cert),
-            ("nats_tls_key", self.nats_tls_key),
-        ];
-        pairs
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect()
-    }
-}
-
 #[derive(Args)]
 struct LabelsArgs {
     /// A file of `KEY = VALUE` lines (caddy-docker-proxy's test format;
@@ -252,30 +132,24 @@ struct LabelsArgs {
     upstreams: Option<Vec<String>>,
 }
 
-/// `caddy-fleet labels`; the label prefix and, with --container, the
-/// address of published ports come from the usual settings
-/// (DOCKER_LABEL_PREFIX, HOST_IP, default 127.0.0.1).
-async fn labels(args: LabelsArgs, flags: Flags) -> anyhow::Result<()> {
-    let prefix = flags
-        .docker_label_prefix
-        .or_else(|| std::env::var("DOCKER_LABEL_PREFIX").ok())
-        .unwrap_or_else(|| "caddy".to_string());
-    let host_ip = flags
-        .host_ip
-        .or_else(|| std::env::var("HOST_IP").ok())
-        .unwrap_or_else(|| "127.0.0.1".to_string());
+/// `caddy-fleet labels`: the label prefix and, with --container, the
+/// address of published ports come from the settings (DOCKER_LABEL_PREFIX,
+/// HOST_IP, here 127.0.0.1 when unset).
+async fn labels(args: LabelsArgs, settings: &Settings) -> anyhow::Result<()> {
+    let prefix = &settings.docker_label_prefix;
+    let host_ip = settings.host_ip.as_deref().unwrap_or("127.0.0.1");
     let caddyfile = match &args.container {
         Some(container) => {
-            caddy_fleet::container_caddyfile(container, &prefix, &host_ip, args.upstreams).await?
+            caddy_fleet::container_caddyfile(container, prefix, host_ip, args.upstreams).await?
         }
         None => {
             let text = match &args.file {
                 Some(path) => std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read labels file {}", path.display()))?,
+                    .map_err(|e| anyhow!("cannot read labels file {}: {e}", path.display()))?,
                 None => std::io::read_to_string(std::io::stdin())
-                    .context("cannot read labels from stdin")?,
+                    .map_err(|e| anyhow!("cannot read labels from stdin: {e}"))?,
             };
-            caddy_fleet::labels_caddyfile(&text, &prefix, args.upstreams.unwrap_or_default())?
+            caddy_fleet::labels_caddyfile(&text, prefix, args.upstreams.unwrap_or_default())?
         }
     };
     print!("{caddyfile}");
@@ -283,17 +157,10 @@ async fn labels(args: LabelsArgs, flags: Flags) -> anyhow::Result<()> {
 }
 
 /// Runs a read-only debugging command and prints its answer.
-async fn inspect(
-    command: Inspect,
-    json: bool,
-    config: Option<PathBuf>,
-    flags: Flags,
-) -> anyhow::Result<()> {
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    let settings = Settings::load(config.as_deref(), &env, &flags.given())?;
+async fn inspect(command: Inspect, json: bool, settings: &Settings) -> anyhow::Result<()> {
     print!(
         "{}",
-        caddy_fleet::history::run(command, &settings, json).await?
+        caddy_fleet::history::run(command, settings, json).await?
     );
     Ok(())
 }
@@ -314,36 +181,43 @@ async fn shutdown_signal() {
     tracing::info!("Shutdown requested.");
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Logs to stdout, filtered by RUST_LOG (default `info`), as LOG_FORMAT
+/// says; colours only on a terminal, and never with NO_COLOR set.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal() && !no_color);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+/// Runs what the command line asks for.
+async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     let mode = match cli.command {
         // No logging: stdout is the Caddyfile, stderr the error, if any.
-        Some(Command::Labels(args)) => return labels(args, cli.flags).await,
+        Some(Command::Labels(args)) => return labels(args, &settings).await,
         Some(Command::Standalone) => Some(Mode::Standalone),
         Some(Command::Server) => Some(Mode::Server),
         Some(Command::Publisher) => Some(Mode::Agent),
         Some(Command::Applier) => Some(Mode::Applier),
-        Some(Command::Routes(a)) => {
-            return inspect(Inspect::Routes, a.json, cli.config, cli.flags).await
-        }
+        Some(Command::Routes(a)) => return inspect(Inspect::Routes, a.json, &settings).await,
         Some(Command::History(a)) => {
             let filter = HistoryFilter {
                 domain: a.domain,
                 agent: a.agent,
                 container: a.container,
             };
-            return inspect(
-                Inspect::History {
-                    filter,
-                    since: a.since,
-                    until: a.until,
-                },
-                a.json.json,
-                cli.config,
-                cli.flags,
-            )
-            .await;
+            let command = Inspect::History {
+                filter,
+                since: a.since,
+                until: a.until,
+            };
+            return inspect(command, a.json.json, &settings).await;
         }
         Some(Command::Replay(a)) => {
             let format = match a.format.as_str() {
@@ -352,47 +226,26 @@ async fn main() -> anyhow::Result<()> {
                 "json" => ReplayFormat::Json,
                 other => anyhow::bail!("--format {other:?}: use routes, caddyfile or json"),
             };
-            return inspect(
-                Inspect::Replay { at: a.at, format },
-                a.json.json,
-                cli.config,
-                cli.flags,
-            )
-            .await;
+            let command = Inspect::Replay { at: a.at, format };
+            return inspect(command, a.json.json, &settings).await;
         }
         Some(Command::Diff(a)) => {
-            return inspect(
-                Inspect::Diff {
-                    from: a.from,
-                    to: a.to,
-                },
-                a.json.json,
-                cli.config,
-                cli.flags,
-            )
-            .await
+            let command = Inspect::Diff {
+                from: a.from,
+                to: a.to,
+            };
+            return inspect(command, a.json.json, &settings).await;
         }
         Some(Command::Explain(a)) => {
-            return inspect(
-                Inspect::Explain {
-                    domain: a.domain,
-                    at: a.at,
-                },
-                a.json.json,
-                cli.config,
-                cli.flags,
-            )
-            .await
+            let command = Inspect::Explain {
+                domain: a.domain,
+                at: a.at,
+            };
+            return inspect(command, a.json.json, &settings).await;
         }
         None => None,
     };
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    let settings = Settings::load(cli.config.as_deref(), &env, &cli.flags.given())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    init_logging(settings.log_format);
     caddy_fleet::modes::run(
         mode.unwrap_or(settings.agent_mode),
         &settings,
@@ -400,4 +253,63 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// `error`'s Display on one line (an error from another crate may span
+/// several).
+fn one_line(error: &dyn std::fmt::Display) -> String {
+    let text = error.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join(" ")
+}
+
+/// Prints `error: <error>` as one line on stderr and returns exit status 1.
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {}", one_line(error));
+    ExitCode::FAILURE
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let matches = match Settings::command(Cli::command()).try_get_matches() {
+        Ok(matches) => matches,
+        Err(error) => match SettingsError::from_clap(&error) {
+            Some(settings_error) => return fail(&settings_error),
+            // Help, version and usage errors, as clap prints them.
+            None => error.exit(),
+        },
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let settings = match Settings::from_matches(&matches) {
+        Ok(settings) => settings,
+        Err(error) => return fail(&error),
+    };
+    match run(cli, settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Settings::command(Cli::command()).debug_assert();
+    }
+
+    #[test]
+    fn errors_are_printed_on_one_line() {
+        let error = anyhow!("first line\n  second line\n");
+        assert_eq!(one_line(&error), "first line second line");
+        assert_eq!(fail(&error), ExitCode::FAILURE);
+    }
 }

@@ -1,4 +1,5 @@
-//! The four ways caddy-fleet runs, built from [`Settings`]:
+//! The four ways caddy-fleet runs, built from [`Settings`] (which turns
+//! itself into the components' configurations):
 //!
 //! - `standalone`: one host, no NATS. The publisher hands events to the
 //!   applier over an in-process channel.
@@ -10,10 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use caddy_fleet_applier::{ApplierConfig, NoCheckpoints, StatusBoard};
-use caddy_fleet_nats::NatsConfig;
 use caddy_fleet_publisher::PublisherConfig;
-use caddy_fleet_schema::translate::LocalNetwork;
-use caddy_fleet_schema::{AgentId, RouteState};
+use caddy_fleet_schema::RouteState;
 use tokio::sync::watch;
 
 use crate::settings::{Mode, Settings, SettingsError, RETIRED};
@@ -48,69 +47,8 @@ impl Stop {
     }
 }
 
-fn publisher_config(
-    settings: &Settings,
-    agent: &AgentId,
-) -> Result<PublisherConfig, SettingsError> {
-    let host = match &settings.host_ip {
-        Some(ip) if caddy_fleet_publisher::host::is_valid_address(ip) => ip.clone(),
-        Some(ip) => {
-            return Err(SettingsError {
-                setting: "HOST_IP".into(),
-                message: format!("{ip:?} is neither an IP address nor a DNS name: give the address other hosts reach this one at"),
-            })
-        }
-        None => {
-            let detected = caddy_fleet_publisher::host::detect().ok_or_else(|| SettingsError {
-                setting: "HOST_IP".into(),
-                message: "cannot detect it (no default route): set HOST_IP to the address other hosts reach this one at".into(),
-            })?;
-            tracing::info!(host_ip = %detected, "HOST_IP not set; using the default route's interface address.");
-            detected.to_string()
-        }
-    };
-    let mut config = PublisherConfig::new(agent.clone(), host);
-    config.label_prefix = settings.docker_label_prefix.clone();
-    config.filter_label = settings.filter_label()?;
-    config.sync_interval = settings.duration("SYNC_INTERVAL", &settings.sync_interval)?;
-    config.heartbeat_interval =
-        settings.duration("HEARTBEAT_INTERVAL", &settings.heartbeat_interval)?;
-    Ok(config)
-}
-
-fn applier_config(
-    settings: &Settings,
-    local: Option<&AgentId>,
-) -> Result<ApplierConfig, SettingsError> {
-    let mut config = ApplierConfig::new(settings.applier()?, settings.caddy_api()?);
-    if let Some(path) = &settings.caddy_base_caddyfile {
-        config.base_caddyfile = Some(std::fs::read_to_string(path).map_err(|e| SettingsError {
-            setting: "CADDY_BASE_CADDYFILE".into(),
-            message: format!(
-                "cannot read {}: {e}; mount the Caddyfile Caddy runs with",
-                path.display()
-            ),
-        })?);
-    }
-    config.translate.label_prefix = settings.docker_label_prefix.clone();
-    if let (Some(agent), Some(network)) = (local, &settings.caddy_ingress_network) {
-        config.translate.local = Some(LocalNetwork {
-            agent: agent.clone(),
-            network: network.clone(),
-        });
-    }
-    config.agent_ttl = settings
-        .agent_ttl
-        .as_deref()
-        .map(|t| settings.duration("AGENT_TTL", t))
-        .transpose()?;
-    config.quiet_window = settings.duration("COALESCE_QUIET", &settings.coalesce_quiet)?;
-    config.max_delay = settings.duration("COALESCE_MAX_DELAY", &settings.coalesce_max_delay)?;
-    Ok(config)
-}
-
 async fn status_listener(settings: &Settings) -> Result<tokio::net::TcpListener, ModeError> {
-    let addr = settings.status_addr()?;
+    let addr = settings.status_listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ModeError::StatusListen {
@@ -119,13 +57,6 @@ async fn status_listener(settings: &Settings) -> Result<tokio::net::TcpListener,
         })?;
     tracing::info!(listen = %addr, "Status endpoints listening.");
     Ok(listener)
-}
-
-fn publisher_nats(settings: &Settings, agent: &AgentId) -> Result<NatsConfig, SettingsError> {
-    let mut nats = settings.nats(format!("caddy-fleet-publisher-{agent}"))?;
-    // Replies come on the agent's own inbox, so a NATS user can be limited to it.
-    nats.inbox_prefix = Some(format!("_INBOX_{agent}"));
-    Ok(nats)
 }
 
 /// Runs `mode` until `shutdown` completes.
@@ -147,30 +78,31 @@ pub async fn run(
     });
     match mode {
         Mode::Agent => {
-            let agent = settings.agent()?;
-            let nats = publisher_nats(settings, &agent)?;
-            let config = publisher_config(settings, &agent)?;
+            let agent = settings.agent();
+            let nats = settings.publisher_nats_config(&agent)?;
+            let config = settings.publisher_config(&agent)?;
             crate::run_publisher(&nats, config, stop.wait()).await?;
         }
         Mode::Applier => {
-            let config = applier_config(settings, None)?;
-            let nats = settings.nats(format!("caddy-fleet-applier-{}", config.name))?;
+            let config = settings.applier_config(None)?;
+            let nats = settings.nats_config(format!("caddy-fleet-applier-{}", config.name))?;
             let listener = status_listener(settings).await?;
             let board = Arc::new(StatusBoard::default());
             let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));
-            crate::run_applier(&nats, &settings.stream()?, config, board, stop.wait()).await?;
+            crate::run_applier(&nats, &settings.stream(), config, board, stop.wait()).await?;
             let _ = status.await;
         }
         Mode::Server => {
-            let agent = settings.agent()?;
-            let publisher = publisher_config(settings, &agent)?;
-            let applier = applier_config(settings, Some(&agent))?;
-            let applier_nats = settings.nats(format!("caddy-fleet-applier-{}", applier.name))?;
-            let publisher_nats = publisher_nats(settings, &agent)?;
+            let agent = settings.agent();
+            let publisher = settings.publisher_config(&agent)?;
+            let applier = settings.applier_config(Some(&agent))?;
+            let applier_nats =
+                settings.nats_config(format!("caddy-fleet-applier-{}", applier.name))?;
+            let publisher_nats = settings.publisher_nats_config(&agent)?;
             let listener = status_listener(settings).await?;
             let board = Arc::new(StatusBoard::default());
             let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));
-            let stream = settings.stream()?;
+            let stream = settings.stream();
             let (applied, published) = tokio::join!(
                 crate::run_applier(&applier_nats, &stream, applier, board, stop.wait()),
                 crate::run_publisher(&publisher_nats, publisher, stop.wait()),
@@ -180,9 +112,9 @@ pub async fn run(
             published?;
         }
         Mode::Standalone => {
-            let agent = settings.agent()?;
-            let publisher = publisher_config(settings, &agent)?;
-            let applier = applier_config(settings, Some(&agent))?;
+            let agent = settings.agent();
+            let publisher = settings.publisher_config(&agent)?;
+            let applier = settings.applier_config(Some(&agent))?;
             let listener = status_listener(settings).await?;
             let board = Arc::new(StatusBoard::default());
             let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));

@@ -303,3 +303,61 @@ fn config_errors_stop_start_up_with_one_line_naming_the_setting() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn settings_errors_are_one_line_with_exit_status_1_even_with_backtraces_on() {
+    let dir = std::env::temp_dir().join(format!("caddy-fleet-config-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("fleet.toml");
+    std::fs::write(&file, "docker_label_prefix = \"fleet\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"));
+        command
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .env("HOST_IP", "127.0.0.1")
+            .env_remove("DOCKER_LABEL_PREFIX")
+            .stdin(std::process::Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
+    };
+    for (args, env, expected) in [
+        (
+            &["agent"][..],
+            &[("STREAM_MAX_AGE", "300000000000000d")][..],
+            "error: STREAM_MAX_AGE: \"300000000000000d\" is too long",
+        ),
+        (
+            &["agent", "--stream-replicas", "9"],
+            &[],
+            "error: STREAM_REPLICAS: 9 replicas",
+        ),
+        (
+            &["--config", "/nonexistent/fleet.toml", "agent"],
+            &[],
+            "error: --config /nonexistent/fleet.toml: cannot read it",
+        ),
+        // `labels` reads the same settings: the file's prefix applies.
+        (
+            &["labels", "--config", file, "/dev/null"],
+            &[],
+            "error: no labels under the prefix \"fleet\"",
+        ),
+    ] {
+        let (code, stderr) = run(args, env);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+        assert!(
+            stderr.starts_with(expected),
+            "{stderr:?} should start with {expected:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
