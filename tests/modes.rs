@@ -150,9 +150,8 @@ async fn the_shipped_nats_config_confines_each_agent_to_its_subjects() {
         js.delete_stream("CADDY_FLEET").await.is_err(),
         "agent1 must not delete the stream"
     );
-    let mut stream = stream;
     assert_eq!(
-        wait_for_log(&mut stream, 1).await,
+        wait_for_log(&stream, 1).await,
         1,
         "only agent1's own message was stored"
     );
@@ -184,7 +183,7 @@ async fn the_shipped_nats_config_confines_each_agent_to_its_subjects() {
     raw.flush().await.unwrap();
     // A last acked message: once the log has it, every ack before it went out.
     own.publish(&hb("agent1")).await.unwrap();
-    let last = wait_for_log(&mut stream, 6).await;
+    let last = wait_for_log(&stream, 6).await;
     let mut log = applier_js.get_stream("CADDY_FLEET").await.unwrap();
     assert_eq!(
         log.info().await.unwrap().state.messages,

@@ -539,22 +539,15 @@ pub async fn ensure_log(
 
 /// The log's last sequence, once it has sourced at least `at_least` messages.
 pub async fn wait_for_log(
-    stream: &mut caddy_fleet::nats::async_nats::jetstream::stream::Stream,
+    stream: &caddy_fleet::nats::async_nats::jetstream::stream::Stream,
     at_least: u64,
 ) -> u64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let state = stream.info().await.expect("log info").state.clone();
-        if state.messages >= at_least {
-            return state.last_sequence;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the log sourced {} of {at_least} messages",
-            state.messages
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("the log to source {at_least} messages");
+    wait_for(&what, Duration::from_secs(120), || async {
+        let state = stream.get_info().await.ok()?.state;
+        (state.messages >= at_least).then_some(state.last_sequence)
+    })
+    .await
 }
 
 /// Publishes `events` with message IDs `<run>.<n>` into their agents'
@@ -567,8 +560,8 @@ pub async fn publish_batched(
     run: &str,
 ) {
     use caddy_fleet::nats::async_nats::jetstream::message::PublishMessage;
-    let mut log = ensure_log(js, &[]).await;
-    let before = log.info().await.expect("log info").state.messages;
+    let log = ensure_log(js, &[]).await;
+    let before = log.get_info().await.expect("log info").state.messages;
     let mut agents = std::collections::BTreeSet::new();
     let mut acks = Vec::new();
     let mut sent = 0u64;
@@ -596,7 +589,7 @@ pub async fn publish_batched(
     for ack in futures::future::join_all(acks).await {
         ack.expect("ack");
     }
-    wait_for_log(&mut log, before + sent).await;
+    wait_for_log(&log, before + sent).await;
 }
 
 /// Publishes one event with `publisher` and returns its sequence in the
@@ -612,23 +605,13 @@ pub async fn publish_to_log(
         .await
         .expect("publish");
     let subject = event.subject();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(message) = log.direct_get_last_for_subject(&subject).await {
-            let stored_id = message
-                .headers
-                .get("Nats-Msg-Id")
-                .map(|v| v.as_str().to_string());
-            if stored_id.as_deref() == Some(id.as_str()) {
-                return message.sequence;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the log never sourced {subject}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let what = format!("the log to source {subject}");
+    wait_for(&what, Duration::from_secs(30), || async {
+        let message = log.direct_get_last_for_subject(&subject).await.ok()?;
+        let stored_id = message.headers.get("Nats-Msg-Id")?.as_str().to_string();
+        (stored_id == id).then_some(message.sequence)
+    })
+    .await
 }
 
 /// A whoami container (not started) answering `body`, with `labels`, port
