@@ -14,6 +14,8 @@
 //! - [`template`], [`labels`]: caddy-docker-proxy's label grammar and the
 //!   `{{upstreams}}` template.
 //! - [`limits`]: the bounds every agent's input is held to.
+//! - [`policy`], [`restrict`]: which sites and upstreams each agent may
+//!   serve, and the restricted grammar untrusted agents' labels must keep.
 //! - [`routes`]: route tables, their differences, and explanations for people.
 //! - [`translate`]: container facts → one merged Caddyfile, with upstreams
 //!   resolved from the facts and bad containers left out.
@@ -23,6 +25,8 @@ pub mod event;
 pub mod labels;
 pub mod lexer;
 pub mod limits;
+pub mod policy;
+pub mod restrict;
 pub mod routes;
 pub mod state;
 pub mod subject;
