@@ -63,7 +63,7 @@ fn main() {
             state.apply(seq as u64 + 1, &event);
         }
     }
-    let options = TranslateOptions::default();
+    let options = TranslateOptions::trusting();
     let translate = best(|| {
         std::hint::black_box(translate_units(&state, &options, &BTreeSet::new()));
     });

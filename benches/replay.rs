@@ -61,7 +61,7 @@ async fn bench() {
     let reader = LogReader::open(
         &nats.config(),
         Some("bench".into()),
-        TranslateOptions::default(),
+        TranslateOptions::trusting(),
     )
     .await
     .unwrap();

@@ -673,16 +673,7 @@ pub async fn run(
     settings: &crate::settings::Settings,
     json: bool,
 ) -> Result<String, crate::modes::ModeError> {
-    let mut options = TranslateOptions {
-        label_prefix: settings.docker_label_prefix.clone(),
-        local: None,
-    };
-    if let Some(network) = &settings.caddy_ingress_network {
-        options.local = Some(caddy_fleet_schema::translate::LocalNetwork {
-            agent: settings.agent(),
-            network: network.clone(),
-        });
-    }
+    let options = settings.translate_options(Some(&settings.agent()))?;
     let nats = settings.nats_config("caddy-fleet-inspect".into())?;
     let to_json = |v: &dyn erased::Json| v.to_json();
     let out = match command {

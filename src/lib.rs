@@ -262,7 +262,7 @@ pub async fn container_caddyfile(
             &facts,
             &TranslateOptions {
                 label_prefix: prefix.to_string(),
-                local: None,
+                ..TranslateOptions::trusting()
             },
         )?,
     };

@@ -35,7 +35,8 @@ use caddy_fleet_applier::ApplierConfig;
 use caddy_fleet_nats::{NatsAuth, NatsConfig, NatsTls, StreamSettings};
 use caddy_fleet_publisher::config::InvalidFilterLabel;
 use caddy_fleet_publisher::{FilterLabel, PublisherConfig};
-use caddy_fleet_schema::translate::LocalNetwork;
+use caddy_fleet_schema::policy::Policy;
+use caddy_fleet_schema::translate::{LocalNetwork, TranslateOptions};
 use caddy_fleet_schema::{AgentId, InvalidAgentId};
 use clap::builder::Resettable;
 use clap::parser::ValueSource;
@@ -140,6 +141,11 @@ pub struct Settings {
     #[arg(long, env = "CADDY_BASE_CADDYFILE", global = true, value_name = "FILE")]
     #[serde(default)]
     pub caddy_base_caddyfile: Option<PathBuf>,
+
+    /// The fleet's policy (TOML): which sites and upstreams each agent may serve; re-read when it changes and on SIGHUP. Without it, only the local agent's containers are served.
+    #[arg(long, env = "POLICY_FILE", global = true, value_name = "FILE")]
+    #[serde(default)]
+    pub policy_file: Option<PathBuf>,
 
     /// Docker network Caddy shares with this host's containers (server and standalone modes): they are reached at their IP there, without published ports.
     #[arg(
@@ -376,6 +382,17 @@ impl SettingsError {
     }
 }
 
+/// What is wrong with the policy file, without the setting's name.
+fn policy_reason(error: &caddy_fleet_applier::policy::PolicyLoadError) -> String {
+    use caddy_fleet_applier::policy::PolicyLoadError;
+    match error {
+        PolicyLoadError::Read { path, source } => {
+            format!("cannot read {}: {source}", path.display())
+        }
+        PolicyLoadError::Invalid(invalid) => invalid.0.clone(),
+    }
+}
+
 fn rejected(setting: &'static str, message: impl Into<String>) -> SettingsError {
     SettingsError::Rejected {
         setting,
@@ -543,17 +560,47 @@ impl Settings {
                 )
             })?);
         }
-        config.translate.label_prefix = self.docker_label_prefix.clone();
-        if let (Some(agent), Some(network)) = (local, &self.caddy_ingress_network) {
-            config.translate.local = Some(LocalNetwork {
-                agent: agent.clone(),
-                network: network.clone(),
-            });
-        }
+        config.translate = self.translate_options(local)?;
+        config.policy_file = self.policy_file.clone();
         config.agent_ttl = self.agent_ttl;
         config.quiet_window = self.coalesce_quiet;
         config.max_delay = self.coalesce_max_delay;
         Ok(config)
+    }
+
+    /// How labels are read and what the policy grants, as the applier
+    /// (and the debugging commands, to agree with it) translate: `local` is
+    /// the agent next to Caddy, trusted unless the policy lists it.
+    pub fn translate_options(
+        &self,
+        local: Option<&AgentId>,
+    ) -> Result<TranslateOptions, SettingsError> {
+        let policy = match &self.policy_file {
+            Some(path) => caddy_fleet_applier::policy::load(path)
+                .map_err(|e| rejected("POLICY_FILE", policy_reason(&e)))?,
+            None => Policy::default(),
+        };
+        let mut options = TranslateOptions {
+            label_prefix: self.docker_label_prefix.clone(),
+            policy: policy.with_local(local.cloned()),
+            ..TranslateOptions::default()
+        };
+        if let (Some(agent), Some(network)) = (local, &self.caddy_ingress_network) {
+            options.local = Some(LocalNetwork {
+                agent: agent.clone(),
+                network: network.clone(),
+            });
+        }
+        // Caddy's admin address is never an upstream of an untrusted agent.
+        if let Some(host) = reqwest::Url::parse(&self.caddy_api_url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+        {
+            if let Ok(ip) = host.parse() {
+                options.caddy_addresses.insert(ip);
+            }
+        }
+        Ok(options)
     }
 
     /// The NATS connection settings, with the client `name`, checked:
@@ -1134,6 +1181,7 @@ docker_label_prefix = "caddy"
 agent_filter_label = "fleet"
 caddy_api_url = "http://127.0.0.1:2019"
 caddy_base_caddyfile = "/etc/caddy/Caddyfile"
+policy_file = "/etc/caddy-fleet/policy.toml"
 caddy_ingress_network = "ingress"
 applier_name = "main"
 status_listen = "127.0.0.1:9180"

@@ -129,7 +129,7 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
     let reader = LogReader::open(
         &nats.config(),
         Some("live".into()),
-        TranslateOptions::default(),
+        TranslateOptions::trusting(),
     )
     .await
     .unwrap();
@@ -361,7 +361,7 @@ async fn points_before_the_retained_history_and_an_unreachable_nats_are_clear_er
     let kept = log
         .send(up("a1", "new", "new.test", 2, ContainerState::Running))
         .await;
-    let reader = LogReader::open(&nats.config(), None, TranslateOptions::default())
+    let reader = LogReader::open(&nats.config(), None, TranslateOptions::trusting())
         .await
         .unwrap();
     let err = routes_at(&reader, Point::Seq(kept - 2))

@@ -194,7 +194,7 @@ async fn a_broken_container_is_reported_and_the_good_one_still_routed() {
         rejected
             .iter()
             .find(|r| r.container_id == cid)
-            .map(|r| r.error.to_string())
+            .map(|r| r.reason.clone())
             .unwrap_or_else(|| panic!("{cid} not reported: {rejected:?}"))
     };
     let broken_name = rejected

@@ -1,5 +1,6 @@
 //! The applier's settings.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use caddy_fleet_schema::translate::TranslateOptions;
@@ -16,8 +17,10 @@ pub struct ApplierConfig {
     /// sites are merged into it; its global options (including `admin`)
     /// are kept.
     pub base_caddyfile: Option<String>,
-    /// How labels are read.
+    /// How labels are read, and the policy in force at start.
     pub translate: TranslateOptions,
+    /// The policy's file, re-read when it changes and on SIGHUP.
+    pub policy_file: Option<PathBuf>,
     /// A burst of events is pushed once no event arrived for this long…
     pub quiet_window: Duration,
     /// …but never later than this after the first event of the burst.
@@ -44,6 +47,7 @@ impl ApplierConfig {
             caddy_admin_url: caddy_admin_url.into(),
             base_caddyfile: None,
             translate: TranslateOptions::default(),
+            policy_file: None,
             quiet_window: Duration::from_millis(200),
             max_delay: Duration::from_secs(2),
             checkpoint_interval: Duration::from_secs(5),

@@ -8,6 +8,7 @@
 //!   consumer, or an in-process channel).
 //! - [`telemetry`]: every log line that has a metric, emitted with it.
 //! - [`checkpoint`]: checkpoints of the fold in a NATS object store.
+//! - [`policy`]: reading and re-reading the policy file.
 //! - [`converge`]: pushing to Caddy, the sentinel, and isolating refused containers.
 //! - [`status`]: `/healthz`, `/readyz`, `/metrics`, `/status`.
 //! - [`run`]: the consume → fold → checkpoint → ack loop, with coalesced
@@ -17,6 +18,7 @@ pub mod caddy;
 pub mod checkpoint;
 pub mod config;
 pub mod converge;
+pub mod policy;
 mod reconcile;
 pub mod source;
 pub mod status;

@@ -11,7 +11,7 @@ use caddy_fleet_nats::consume::{replay, ConsumeError};
 use caddy_fleet_nats::Delivery;
 use caddy_fleet_schema::caddyfile::{Caddyfile, ParseError};
 use caddy_fleet_schema::routes::route_rows;
-use caddy_fleet_schema::translate::translate_units;
+use caddy_fleet_schema::translate::{translate_owned, SiteOwners};
 use caddy_fleet_schema::{AgentId, Event, RouteState};
 use tokio::time::Instant;
 
@@ -19,6 +19,7 @@ use crate::caddy::CaddyAdmin;
 use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::ApplierConfig;
 use crate::converge::{Converger, Outcome};
+use crate::policy::{self, PolicyWatch};
 use crate::source::LogSource;
 use crate::status::{AgentView, ContainerRef, RejectedView, StatusBoard};
 use crate::telemetry::Stats;
@@ -109,7 +110,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
     mut source: S,
     checkpoints: C,
     mut state: RouteState,
-    config: ApplierConfig,
+    mut config: ApplierConfig,
     board: Arc<StatusBoard>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApplierError> {
@@ -144,6 +145,13 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
     let mut push_at: Option<Instant> = Some(Instant::now());
     let mut burst_started: Option<Instant> = None;
     let mut retry = Duration::from_millis(250);
+    // Which container serves each site, kept from render to render.
+    let mut owners = SiteOwners::new();
+    let mut policy_watch = config.policy_file.clone().map(PolicyWatch::new);
+    let mut hangups = hangups();
+    if !config.translate.policy.from_file() {
+        tracing::warn!("No POLICY_FILE: only the local agent's containers are served; remote agents' containers are refused until a policy grants them (see SECURITY.md).");
+    }
     let mut health = tokio::time::interval(config.health_check_interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     board.update(|v| v.consumer_attached = true);
@@ -187,7 +195,8 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
             // The burst settled (or a retry is due): converge Caddy.
             () = tokio::time::sleep_until(push_deadline), if push_at.is_some() => {
                 burst_started = None;
-                let (units, label_rejects) = translate_units(&state, &config.translate, &expired);
+                let (units, label_rejects, new_owners) = translate_owned(&state, &config.translate, &expired, &owners);
+                owners = new_owners;
                 stats.rendered(label_rejects);
                 let started = std::time::Instant::now();
                 match converger.converge(&units).await {
@@ -206,9 +215,24 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 }
                 publish_status(&board, &state, &units, &converger, &heard, &expired, &config, push_at.is_none());
             }
+            // SIGHUP: re-read the policy now.
+            Some(()) = hangups.recv() => {
+                if let Some(watch) = &mut policy_watch {
+                    watch.changed();
+                    if reload_policy(watch, &mut config) {
+                        push_at = Some(Instant::now());
+                    }
+                }
+            }
             // Periodically: is Caddy still running our config, did an
-            // agent go quiet or come back, how far behind are we.
+            // agent go quiet or come back, did the policy file change, how
+            // far behind are we.
             _ = health.tick() => {
+                if let Some(watch) = &mut policy_watch {
+                    if watch.changed() && reload_policy(watch, &mut config) {
+                        push_at = Some(Instant::now());
+                    }
+                }
                 if push_at.is_none() {
                     match converger.still_running().await {
                         Ok(true) => {}
@@ -259,6 +283,45 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
     }
     board.update(|v| v.consumer_attached = false);
     Ok(())
+}
+
+/// Re-reads the policy file into `config`; on error keeps the policy in
+/// force. Returns whether the policy changed.
+fn reload_policy(watch: &PolicyWatch, config: &mut ApplierConfig) -> bool {
+    match policy::load(watch.path()) {
+        Ok(policy) => {
+            let local = config.translate.policy.local().cloned();
+            let policy = policy.with_local(local);
+            if policy == config.translate.policy {
+                return false;
+            }
+            tracing::info!(path = %watch.path().display(), "Policy reloaded.");
+            config.translate.policy = policy;
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "Policy not reloaded; the policy in force is kept.");
+            false
+        }
+    }
+}
+
+/// SIGHUPs as a channel (never sends where there are no Unix signals).
+fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                if tx.send(()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Messages folded but not yet held by a checkpoint, and the cumulative ack
@@ -344,8 +407,8 @@ fn publish_status(
                 container: r.container,
                 container_id: r.container_id,
             },
-            by: "labels",
-            reason: r.error.to_string(),
+            by: r.by.as_str(),
+            reason: r.reason,
         })
         .collect();
     rejected.extend(converger.refused().map(|r| RejectedView {

@@ -114,7 +114,7 @@ impl Stats {
         };
         for r in rejected.iter().filter(|r| !previous.contains(r)) {
             tracing::warn!(agent = %r.agent, container = %r.container, container_id = %r.container_id,
-                reason = %r.error, "Container left out of the Caddy config.");
+                by = r.by.as_str(), reason = %r.reason, "Container left out of the Caddy config.");
         }
         for r in previous
             .iter()

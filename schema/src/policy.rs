@@ -91,13 +91,25 @@ impl Policy {
     /// errors naming what is wrong.
     pub fn parse(text: &str) -> Result<Policy, PolicyError> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| {
-            PolicyError(e.to_string().lines().collect::<Vec<_>>().join(" ").trim().to_string())
+            PolicyError(
+                e.to_string()
+                    .lines()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .trim()
+                    .to_string(),
+            )
         })?;
-        for (agent, grant) in file.default.iter().map(|g| ("[default]".to_string(), g)).chain(
-            file.agents
-                .iter()
-                .map(|(a, g)| (format!("[agents.{a}]"), g)),
-        ) {
+        for (agent, grant) in file
+            .default
+            .iter()
+            .map(|g| ("[default]".to_string(), g))
+            .chain(
+                file.agents
+                    .iter()
+                    .map(|(a, g)| (format!("[agents.{a}]"), g)),
+            )
+        {
             for domain in &grant.domains {
                 if !is_domain_pattern(domain) {
                     return Err(PolicyError(format!(
@@ -134,6 +146,11 @@ impl Policy {
     pub fn with_local(mut self, agent: Option<AgentId>) -> Policy {
         self.local = agent;
         self
+    }
+
+    /// The local agent, if any.
+    pub fn local(&self) -> Option<&AgentId> {
+        self.local.as_ref()
     }
 
     /// Whether a file was given.
@@ -175,7 +192,9 @@ impl Grant {
     /// caller; a wildcard site (`*.a.test`) is granted only by the same
     /// pattern or `*`.
     pub fn allows_domain(&self, host: &str) -> bool {
-        self.domains.iter().any(|pattern| domain_matches(pattern, host))
+        self.domains
+            .iter()
+            .any(|pattern| domain_matches(pattern, host))
     }
 
     /// Whether a literal upstream address is within the granted CIDRs.
@@ -217,9 +236,7 @@ pub fn is_host_name(host: &str) -> bool {
 }
 
 fn is_domain_pattern(pattern: &str) -> bool {
-    pattern == "*"
-        || is_host_name(pattern)
-        || pattern.strip_prefix("*.").is_some_and(is_host_name)
+    pattern == "*" || is_host_name(pattern) || pattern.strip_prefix("*.").is_some_and(is_host_name)
 }
 
 #[cfg(test)]
@@ -277,7 +294,10 @@ mod tests {
     fn bad_files_are_clear_errors() {
         for (text, needle) in [
             ("[agents.web-1]\ndomain = [\"a\"]\n", "domain"),
-            ("[agents.web-1]\nupstreams = [\"10.0.0.0/33\"]\n", "10.0.0.0/33"),
+            (
+                "[agents.web-1]\nupstreams = [\"10.0.0.0/33\"]\n",
+                "10.0.0.0/33",
+            ),
             ("[agents.\"a.b\"]\n", "a.b"),
             ("[default]\ndomains = [\"a b\"]\n", "a b"),
             ("[default]\ndomains = [\"10.0.0.1\"]\n", "10.0.0.1"),

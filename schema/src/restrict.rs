@@ -35,6 +35,9 @@ pub struct OwnUpstreams {
     /// agent's (pinned) host address, and for the local agent its
     /// addresses on the ingress network.
     pub allowed: BTreeSet<(IpAddr, u16)>,
+    /// Addresses any port of which is the container's own (the local
+    /// agent's containers on the ingress network).
+    pub any_port: BTreeSet<IpAddr>,
     /// Addresses that are never upstreams: Caddy's own.
     pub forbidden: BTreeSet<IpAddr>,
 }
@@ -389,9 +392,12 @@ fn check_upstream(upstream: &str, grant: &Grant, own: &OwnUpstreams) -> Result<(
         return refuse("a literal ip:port is required (no host names or port ranges)");
     };
     if is_never_an_upstream(ip) || own.forbidden.contains(&ip) {
-        return refuse("loopback, link-local, unspecified and Caddy's own addresses are never upstreams");
+        return refuse(
+            "loopback, link-local, unspecified and Caddy's own addresses are never upstreams",
+        );
     }
-    if own.allowed.contains(&(ip, port)) || grant.allows_upstream(ip) {
+    if own.allowed.contains(&(ip, port)) || own.any_port.contains(&ip) || grant.allows_upstream(ip)
+    {
         Ok(())
     } else {
         refuse("neither one of this container's published ports at its host's address nor in the policy's upstreams")
@@ -451,7 +457,9 @@ fn parse_duration(text: &str) -> Option<Duration> {
 /// Sizes: a number of bytes, or with `k`/`kb`/`kib`/`m`/`mb`/`mib`.
 fn parse_bytes(text: &str) -> Option<u64> {
     let lower = text.to_ascii_lowercase();
-    let digits = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+    let digits = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
     let number: u64 = lower[..digits].parse().ok()?;
     let factor = match lower[digits..].trim() {
         "" | "b" => 1,
@@ -481,6 +489,7 @@ mod tests {
         OwnUpstreams {
             allowed: [("10.0.0.5".parse().unwrap(), 80)].into(),
             forbidden: ["10.0.0.1".parse().unwrap()].into(),
+            ..OwnUpstreams::default()
         }
     }
 
@@ -516,42 +525,187 @@ mod tests {
     fn every_attack_class_is_refused_with_a_reason() {
         for (labels, needle) in [
             // Caddy's admin API as an upstream.
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy", "127.0.0.1:2019")], "loopback"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy", "10.0.0.1:2019")], "Caddy's own"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy", "[::ffff:127.0.0.1]:2019")], "loopback"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy", "169.254.169.254:80")], "link-local"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy", "{http.request.header.X}")], "placeholders"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy", "internal.example:80")], "literal"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy", "10.0.0.5:22")], "published"),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy", "127.0.0.1:2019"),
+                ],
+                "loopback",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy", "10.0.0.1:2019"),
+                ],
+                "Caddy's own",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy", "[::ffff:127.0.0.1]:2019"),
+                ],
+                "loopback",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy", "169.254.169.254:80"),
+                ],
+                "link-local",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy", "{http.request.header.X}"),
+                ],
+                "placeholders",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy", "internal.example:80"),
+                ],
+                "literal",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy", "10.0.0.5:22"),
+                ],
+                "published",
+            ),
             // Global options and snippets.
-            (vec![("caddy", "shop.test"), ("caddy_1.admin", "0.0.0.0:2019")], "global options"),
-            (vec![("caddy", "shop.test"), ("caddy_1", "(snip)"), ("caddy_1.respond", "x")], "snippet"),
+            (
+                vec![("caddy", "shop.test"), ("caddy_1.admin", "0.0.0.0:2019")],
+                "global options",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy_1", "(snip)"),
+                    ("caddy_1.respond", "x"),
+                ],
+                "snippet",
+            ),
             // Files, imports, logs, secrets.
-            (vec![("caddy", "shop.test"), ("caddy.root", "* /"), ("caddy.file_server", "")], "is not allowed"),
-            (vec![("caddy", "shop.test"), ("caddy.import", "/etc/passwd")], "import"),
-            (vec![("caddy", "shop.test"), ("caddy.log.output", "file /tmp/x")], "log"),
-            (vec![("caddy", "shop.test"), ("caddy.respond", "{env.NATS_APPLIER_PASSWORD}")], "{env."),
-            (vec![("caddy", "shop.test"), ("caddy.respond", "{file./data/key}")], "{file."),
-            (vec![("caddy", "shop.test"), ("caddy.respond", "{$HOME}")], "{$"),
-            (vec![("caddy", "shop.test"), ("caddy.tls", "/k.pem /c.pem")], "tls"),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.root", "* /"),
+                    ("caddy.file_server", ""),
+                ],
+                "is not allowed",
+            ),
+            (
+                vec![("caddy", "shop.test"), ("caddy.import", "/etc/passwd")],
+                "import",
+            ),
+            (
+                vec![("caddy", "shop.test"), ("caddy.log.output", "file /tmp/x")],
+                "log",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.respond", "{env.NATS_APPLIER_PASSWORD}"),
+                ],
+                "{env.",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.respond", "{file./data/key}"),
+                ],
+                "{file.",
+            ),
+            (
+                vec![("caddy", "shop.test"), ("caddy.respond", "{$HOME}")],
+                "{$",
+            ),
+            (
+                vec![("caddy", "shop.test"), ("caddy.tls", "/k.pem /c.pem")],
+                "tls",
+            ),
             // Other tenants' and catch-all sites.
-            (vec![("caddy", "other.test"), ("caddy.respond", "x")], "not among the domains"),
+            (
+                vec![("caddy", "other.test"), ("caddy.respond", "x")],
+                "not among the domains",
+            ),
             (vec![("caddy", ":80"), ("caddy.respond", "x")], "host name"),
             (vec![("caddy", "*"), ("caddy.respond", "x")], "host name"),
-            (vec![("caddy", "http://"), ("caddy.respond", "x")], "host name"),
-            (vec![("caddy", "10.0.5.1"), ("caddy.respond", "x")], "host name"),
-            (vec![("caddy", "unix//run/x.sock"), ("caddy.respond", "x")], "unix"),
-            (vec![("caddy", "shop.test:2019"), ("caddy.respond", "x")], "ports"),
-            (vec![("caddy", "a.b.shop.test"), ("caddy.respond", "x")], "not among"),
+            (
+                vec![("caddy", "http://"), ("caddy.respond", "x")],
+                "host name",
+            ),
+            (
+                vec![("caddy", "10.0.5.1"), ("caddy.respond", "x")],
+                "host name",
+            ),
+            (
+                vec![("caddy", "unix//run/x.sock"), ("caddy.respond", "x")],
+                "unix",
+            ),
+            (
+                vec![("caddy", "shop.test:2019"), ("caddy.respond", "x")],
+                "ports",
+            ),
+            (
+                vec![("caddy", "a.b.shop.test"), ("caddy.respond", "x")],
+                "not among",
+            ),
             // reverse_proxy options that reach Caddy's host or hold resources.
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy.dynamic", "srv x")], "dynamic"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy.transport", "http"), ("caddy.reverse_proxy.transport.resolvers", "1.1.1.1")], "resolvers"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy.transport", "http"), ("caddy.reverse_proxy.transport.tls_trusted_ca_certs", "/x")], "tls_trusted_ca_certs"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy.transport", "fastcgi")], "transport http"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy.stream_close_delay", "100h")], "cap"),
-            (vec![("caddy", "shop.test"), ("caddy.reverse_proxy.request_buffers", "1g")], "cap"),
-            (vec![("caddy", "shop.test"), ("caddy.@f.file", "/etc/passwd")], "matcher \"file\""),
-            (vec![("caddy", "shop.test"), ("caddy.handle.import", "x")], "import"),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy.dynamic", "srv x"),
+                ],
+                "dynamic",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy.transport", "http"),
+                    ("caddy.reverse_proxy.transport.resolvers", "1.1.1.1"),
+                ],
+                "resolvers",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy.transport", "http"),
+                    ("caddy.reverse_proxy.transport.tls_trusted_ca_certs", "/x"),
+                ],
+                "tls_trusted_ca_certs",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy.transport", "fastcgi"),
+                ],
+                "transport http",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy.stream_close_delay", "100h"),
+                ],
+                "cap",
+            ),
+            (
+                vec![
+                    ("caddy", "shop.test"),
+                    ("caddy.reverse_proxy.request_buffers", "1g"),
+                ],
+                "cap",
+            ),
+            (
+                vec![("caddy", "shop.test"), ("caddy.@f.file", "/etc/passwd")],
+                "matcher \"file\"",
+            ),
+            (
+                vec![("caddy", "shop.test"), ("caddy.handle.import", "x")],
+                "import",
+            ),
         ] {
             let err = verdict(&labels).unwrap_err();
             assert!(err.contains(needle), "{labels:?}: {err}");

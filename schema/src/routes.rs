@@ -247,7 +247,7 @@ mod tests {
 
     #[test]
     fn tables_diffs_and_explanations() {
-        let opts = TranslateOptions::default();
+        let opts = TranslateOptions::trusting();
         let mut s = RouteState::default();
         s.apply(1, &up("a1", "c1", "a.test", 8001, ContainerState::Running));
         s.apply(2, &up("a2", "c2", "a.test", 8002, ContainerState::Running));

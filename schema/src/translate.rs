@@ -7,12 +7,15 @@
 //! A container whose labels cannot be translated is left out with a
 //! [`Rejected`] entry; it never affects other containers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
-use crate::caddyfile::Caddyfile;
+use crate::caddyfile::{proxy_matcher, Block, Caddyfile};
 use crate::event::ContainerFacts;
 use crate::labels::{from_labels, LabelError};
-use crate::state::RouteState;
+use crate::policy::{Grant, Policy};
+use crate::restrict::{self, is_never_an_upstream, OwnUpstreams};
+use crate::state::{ContainerRecord, RouteState};
 use crate::subject::AgentId;
 use crate::template::Upstreams;
 
@@ -24,6 +27,11 @@ pub struct TranslateOptions {
     /// The agent running next to Caddy (server mode), whose containers may
     /// be reached on a shared Docker network instead of published ports.
     pub local: Option<LocalNetwork>,
+    /// Which agents may serve which sites and upstreams, and whose labels
+    /// are trusted with the full grammar.
+    pub policy: Policy,
+    /// Caddy's own addresses, never an upstream of an untrusted agent.
+    pub caddy_addresses: BTreeSet<IpAddr>,
 }
 
 /// Reaching the local agent's containers on a Docker network, as
@@ -41,6 +49,19 @@ impl Default for TranslateOptions {
         TranslateOptions {
             label_prefix: "caddy".to_string(),
             local: None,
+            policy: Policy::default(),
+            caddy_addresses: BTreeSet::new(),
+        }
+    }
+}
+
+impl TranslateOptions {
+    /// Options that trust every agent with everything, as
+    /// caddy-docker-proxy does (tests, `caddy-fleet labels`).
+    pub fn trusting() -> Self {
+        TranslateOptions {
+            policy: Policy::trust_everyone(),
+            ..TranslateOptions::default()
         }
     }
 }
@@ -54,9 +75,36 @@ pub struct Rejected {
     pub container: String,
     /// The container's ID.
     pub container_id: String,
-    /// What was wrong.
-    pub error: LabelError,
+    /// Who refused it.
+    pub by: RefusedBy,
+    /// Why, in one line.
+    pub reason: String,
 }
+
+/// Who left a container out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedBy {
+    /// Its labels cannot be translated.
+    Labels,
+    /// The policy does not grant what its labels ask for.
+    Policy,
+}
+
+impl RefusedBy {
+    /// `labels` or `policy`, as `/status` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusedBy::Labels => "labels",
+            RefusedBy::Policy => "policy",
+        }
+    }
+}
+
+/// Which container serves each site address, from one translation to the
+/// next: a site stays with the container serving it, and a newcomer that
+/// declares it differently is refused instead (conflicts never punish the
+/// owner).
+pub type SiteOwners = BTreeMap<String, String>;
 
 /// The merged config and the containers that could not contribute.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -89,30 +137,186 @@ pub fn translate_units(
     options: &TranslateOptions,
     skip_agents: &BTreeSet<AgentId>,
 ) -> (Vec<ContainerUnit>, Vec<Rejected>) {
-    let mut units = Vec::new();
+    let (units, rejected, _) = translate_owned(state, options, skip_agents, &SiteOwners::new());
+    (units, rejected)
+}
+
+/// [`translate_units`], keeping each site with the container that owned it
+/// in `owners` (the previous translation's), and returning the new owners.
+///
+/// Per container: labels → Caddyfile; the policy's grant for its agent
+/// (none: refused by policy); for an untrusted agent, the restricted
+/// grammar ([`restrict::check`]). Then, in order of ownership (current
+/// owners first, then by the stream sequence of their facts), each site
+/// address is claimed: a container declaring a site another container
+/// already holds, with different blocks (upstreams aside), is refused with
+/// a reason naming the owner, unless both are trusted (then they merge, as
+/// in caddy-docker-proxy). Identical declarations load-balance.
+pub fn translate_owned(
+    state: &RouteState,
+    options: &TranslateOptions,
+    skip_agents: &BTreeSet<AgentId>,
+    owners: &SiteOwners,
+) -> (Vec<ContainerUnit>, Vec<Rejected>, SiteOwners) {
+    let mut candidates: Vec<(&ContainerRecord, Caddyfile, bool)> = Vec::new();
     let mut rejected = Vec::new();
+    let refuse = |record: &ContainerRecord, by: RefusedBy, reason: String| Rejected {
+        agent: record.facts.agent.to_string(),
+        container: record.facts.name.clone(),
+        container_id: record.facts.id.clone(),
+        by,
+        reason,
+    };
     for record in state.live_containers() {
         let facts = &record.facts;
         if !facts.is_routable() || skip_agents.contains(&facts.agent) {
             continue;
         }
-        match translate_container(facts, options) {
-            Ok(file) => units.push(ContainerUnit {
-                agent: facts.agent.clone(),
-                container: facts.name.clone(),
-                container_id: facts.id.clone(),
+        let grant = match options.policy.grant(&facts.agent) {
+            Ok(grant) => grant,
+            Err(reason) => {
+                rejected.push(refuse(record, RefusedBy::Policy, reason));
+                continue;
+            }
+        };
+        let file = match translate_container(facts, options) {
+            Ok(file) => file,
+            Err(error) => {
+                rejected.push(refuse(record, RefusedBy::Labels, error.to_string()));
+                continue;
+            }
+        };
+        if !grant.trusted {
+            let own = own_upstreams(facts, &grant, options);
+            if let Err(reason) = restrict::check(&file, &grant, &own) {
+                rejected.push(refuse(record, RefusedBy::Policy, reason));
+                continue;
+            }
+        }
+        candidates.push((record, file, grant.trusted));
+    }
+
+    // Claims: current owners first, then first come (stream order).
+    let owned: BTreeSet<&str> = owners.values().map(String::as_str).collect();
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by_key(|&i| {
+        let record = candidates[i].0;
+        (!owned.contains(record.facts.id.as_str()), record.seq)
+    });
+    // Per site address: (owner record, its blocks' shape, trusted).
+    let mut claims: BTreeMap<String, (&ContainerRecord, String, bool)> = BTreeMap::new();
+    let mut accepted = vec![false; candidates.len()];
+    'containers: for i in order {
+        let (record, file, trusted) = &candidates[i];
+        let sites: Vec<(String, String)> = file
+            .blocks
+            .iter()
+            .flat_map(|block| {
+                let shape = shape_of(block);
+                block
+                    .keys
+                    .iter()
+                    .map(move |address| (address.to_ascii_lowercase(), shape.clone()))
+            })
+            .collect();
+        for (address, shape) in &sites {
+            if let Some((owner, owner_shape, owner_trusted)) = claims.get(address) {
+                if owner_shape != shape && !(*trusted && *owner_trusted) {
+                    rejected.push(refuse(
+                        record,
+                        RefusedBy::Policy,
+                        format!(
+                            "site {address} is served by agent {} container {}; only identical declarations (upstreams aside) share a site",
+                            owner.facts.agent, owner.facts.name
+                        ),
+                    ));
+                    continue 'containers;
+                }
+            }
+        }
+        for (address, shape) in sites {
+            claims.entry(address).or_insert((record, shape, *trusted));
+        }
+        accepted[i] = true;
+    }
+
+    let mut units = Vec::new();
+    for ((record, file, _), accepted) in candidates.into_iter().zip(accepted) {
+        if accepted {
+            units.push(ContainerUnit {
+                agent: record.facts.agent.clone(),
+                container: record.facts.name.clone(),
+                container_id: record.facts.id.clone(),
                 text: file.marshal(),
                 file,
-            }),
-            Err(error) => rejected.push(Rejected {
-                agent: facts.agent.to_string(),
-                container: facts.name.clone(),
-                container_id: facts.id.clone(),
-                error,
-            }),
+            });
         }
     }
-    (units, rejected)
+    let owners = claims
+        .into_iter()
+        .map(|(address, (record, _, _))| (address, record.facts.id.clone()))
+        .collect();
+    (units, rejected, owners)
+}
+
+/// A site block as it would be without its proxies' upstreams: what two
+/// containers must agree on to share the site.
+fn shape_of(block: &Block) -> String {
+    fn strip(block: &Block) -> Block {
+        let keys = if block.keys.first().map(String::as_str) == Some("reverse_proxy") {
+            let (_, first_upstream) = proxy_matcher(block);
+            block.keys[..first_upstream.min(block.keys.len())].to_vec()
+        } else if block.keys.first().map(String::as_str) == Some("to") {
+            vec!["to".to_string()]
+        } else {
+            block.keys.clone()
+        };
+        Block {
+            keys,
+            children: block.children.iter().map(strip).collect(),
+            order: block.order,
+        }
+    }
+    Caddyfile {
+        blocks: strip(block).children,
+    }
+    .marshal()
+}
+
+/// Where a container of an untrusted agent may point: its published ports
+/// at its host's address (pinned by `host_ip`, else the reported one, never
+/// loopback, link-local or Caddy's own), and for the local agent its
+/// addresses on the ingress network.
+fn own_upstreams(
+    facts: &ContainerFacts,
+    grant: &Grant,
+    options: &TranslateOptions,
+) -> OwnUpstreams {
+    let mut own = OwnUpstreams {
+        forbidden: options.caddy_addresses.clone(),
+        ..OwnUpstreams::default()
+    };
+    if let Ok(ip) = facts.host_address.parse::<IpAddr>() {
+        let acceptable = match &grant.host_ip {
+            Some(pinned) => pinned.contains(&ip),
+            None => !is_never_an_upstream(ip) && !options.caddy_addresses.contains(&ip),
+        };
+        if acceptable {
+            for binding in facts.ports.iter().filter(|p| p.protocol == "tcp") {
+                own.allowed.insert((ip, binding.host_port));
+            }
+        }
+    }
+    if let Some(local) = options.local.as_ref().filter(|l| l.agent == facts.agent) {
+        if let Some(ip) = facts
+            .networks
+            .get(&local.network)
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
+        {
+            own.any_port.insert(ip);
+        }
+    }
+    own
 }
 
 /// Merges `units` after `base`, as caddy-docker-proxy merges containers.
@@ -270,7 +474,7 @@ mod tests {
     }
 
     fn translate(containers: Vec<ContainerFacts>) -> Translation {
-        translate_state(&state(containers), None, &TranslateOptions::default())
+        translate_state(&state(containers), None, &TranslateOptions::trusting())
     }
 
     const PROXY: (&str, &str) = ("caddy.reverse_proxy", "{{upstreams 80}}");
@@ -315,7 +519,7 @@ mod tests {
         );
         assert_eq!(t.rejected.len(), 1);
         assert_eq!(
-            t.rejected[0].error.to_string(),
+            t.rejected[0].reason,
             "label caddy.reverse_proxy: no published port for 80/tcp on container bad"
         );
     }
@@ -405,7 +609,7 @@ mod tests {
                 agent: AgentId::new("srv").unwrap(),
                 network: "front".into(),
             }),
-            ..TranslateOptions::default()
+            ..TranslateOptions::trusting()
         };
         let local = facts("srv", "web", &[("caddy", "a.test"), PROXY], &[]);
         let remote = facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 8001)]);
@@ -427,11 +631,96 @@ mod tests {
             &[("caddy", "a.test"), PROXY],
             &[(80, 8001)],
         )]);
-        let t = translate_state(&s, Some(&base), &TranslateOptions::default());
+        let t = translate_state(&s, Some(&base), &TranslateOptions::trusting());
         assert_eq!(
             t.caddyfile.marshal(),
             "{\n\tadmin 127.0.0.1:2019\n}\nstatic.test {\n\trespond hi\n}\na.test {\n\treverse_proxy host-a1:8001\n}\n"
         );
+    }
+
+    fn granted(domains: &str) -> TranslateOptions {
+        TranslateOptions {
+            policy: Policy::parse(&format!(
+                "[default]\ndomains = [{domains}]\nupstreams = [\"10.0.0.0/8\"]\n"
+            ))
+            .unwrap(),
+            ..TranslateOptions::default()
+        }
+    }
+
+    fn remote(agent: &str, name: &str, labels: &[(&str, &str)], port: u16) -> ContainerFacts {
+        let mut f = facts(agent, name, labels, &[(80, port)]);
+        f.host_address = format!("10.0.0.{}", agent.len());
+        f
+    }
+
+    #[test]
+    fn without_a_policy_remote_agents_are_refused_and_told_how_to_grant() {
+        let s = state(vec![facts(
+            "a1",
+            "web",
+            &[("caddy", "a.test"), PROXY],
+            &[(80, 1)],
+        )]);
+        let (units, rejected) = translate_units(&s, &TranslateOptions::default(), &BTreeSet::new());
+        assert!(units.is_empty());
+        assert_eq!(rejected[0].by, RefusedBy::Policy);
+        assert!(
+            rejected[0].reason.contains("POLICY_FILE"),
+            "{}",
+            rejected[0].reason
+        );
+    }
+
+    #[test]
+    fn identical_declarations_on_granted_agents_load_balance() {
+        let options = granted("\"a.test\"");
+        let s = state(vec![
+            remote("a1", "web", &[("caddy", "a.test"), PROXY], 8001),
+            remote("a22", "web", &[("caddy", "a.test"), PROXY], 8002),
+        ]);
+        let t = translate_state(&s, None, &options);
+        assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+        assert_eq!(
+            t.caddyfile.marshal(),
+            "a.test {\n\treverse_proxy 10.0.0.2:8001 10.0.0.3:8002\n}\n"
+        );
+    }
+
+    #[test]
+    fn a_newcomer_declaring_a_site_differently_is_refused_and_the_owner_keeps_it() {
+        let options = granted("\"a.test\"");
+        let owner = remote("a1", "shop", &[("caddy", "a.test"), PROXY], 8001);
+        let attacker = remote(
+            "a22",
+            "evil",
+            &[("caddy", "a.test"), ("caddy.0_respond", "pwned"), PROXY],
+            8002,
+        );
+        let s = state(vec![owner, attacker.clone()]);
+        let (units, rejected, owners) =
+            translate_owned(&s, &options, &BTreeSet::new(), &SiteOwners::new());
+        assert_eq!(units.len(), 1);
+        assert_eq!(units[0].container, "shop");
+        assert_eq!(rejected[0].container, "evil");
+        assert!(
+            rejected[0].reason.contains("agent a1 container shop"),
+            "{}",
+            rejected[0].reason
+        );
+
+        // Squatting first does not win against the site's current owner:
+        // the attacker's facts now come earlier in the log, but the owner
+        // keeps serving.
+        let mut squatted = RouteState::default();
+        squatted.apply(1, &Event::Up(attacker));
+        squatted.apply(
+            2,
+            &Event::Up(remote("a1", "shop", &[("caddy", "a.test"), PROXY], 8001)),
+        );
+        let (units, rejected, _) = translate_owned(&squatted, &options, &BTreeSet::new(), &owners);
+        assert_eq!(units[0].container, "shop");
+        assert_eq!(rejected[0].container, "evil");
     }
 
     #[test]

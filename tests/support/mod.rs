@@ -345,6 +345,9 @@ pub fn start_applier_with(
     let nats = nats.config();
     let mut config = ApplierConfig::new(name, caddy.admin_url());
     config.base_caddyfile = Some(caddy.base_caddyfile());
+    // The suite's agents are the test's own: trusted with everything, as
+    // caddy-docker-proxy trusts labels (tests of the policy tune this).
+    config.translate = caddy_fleet::schema::translate::TranslateOptions::trusting();
     config.quiet_window = Duration::from_millis(100);
     config.health_check_interval = Duration::from_millis(500);
     config.checkpoint_interval = Duration::from_secs(1);
@@ -433,7 +436,7 @@ pub fn expected_routes(
     state: &caddy_fleet::schema::RouteState,
 ) -> std::collections::BTreeMap<String, Vec<String>> {
     use caddy_fleet::schema::translate::{translate_state, TranslateOptions};
-    let translation = translate_state(state, None, &TranslateOptions::default());
+    let translation = translate_state(state, None, &TranslateOptions::trusting());
     let mut routes = std::collections::BTreeMap::new();
     for site in &translation.caddyfile.blocks {
         let mut upstreams: Vec<String> = site
