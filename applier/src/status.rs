@@ -63,7 +63,8 @@ pub struct ContainerRef {
 pub struct RejectedView {
     #[serde(flatten)]
     pub container: ContainerRef,
-    /// `labels` (translation failed) or `caddy` (Caddy refused its blocks).
+    /// `labels` (translation failed), `policy` (not granted to its agent) or
+    /// `caddy` (Caddy refused its blocks).
     pub by: &'static str,
     pub reason: String,
 }
