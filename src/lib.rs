@@ -199,6 +199,8 @@ pub enum LabelsError {
     NotLabeled { container: String, prefix: String },
     #[error("no labels under the prefix {prefix:?} (DOCKER_LABEL_PREFIX): write e.g. {prefix} = example.com")]
     NoLabels { prefix: String },
+    #[error("refused by policy for agent {agent}: {reason}")]
+    Refused { agent: String, reason: String },
 }
 
 /// The Caddyfile for labels given in caddy-docker-proxy's golden-file
@@ -211,6 +213,21 @@ pub fn labels_caddyfile(
     prefix: &str,
     targets: Vec<String>,
 ) -> Result<String, LabelsError> {
+    labels_caddyfile_for(text, prefix, targets, None)
+}
+
+/// [`labels_caddyfile`] as the applier would accept it from `agent` under
+/// `policy`: `targets` stand for what `{{upstreams}}` resolves to from that
+/// agent's own facts (so they are its own upstreams, at any port).
+pub fn labels_caddyfile_for(
+    text: &str,
+    prefix: &str,
+    targets: Vec<String>,
+    agent: Option<(
+        &caddy_fleet_schema::AgentId,
+        &caddy_fleet_schema::policy::Policy,
+    )>,
+) -> Result<String, LabelsError> {
     let labels = caddy_fleet_schema::labels::parse_golden_labels(text);
     let under_prefix = |key: &str| {
         key.strip_prefix(prefix)
@@ -221,8 +238,33 @@ pub fn labels_caddyfile(
             prefix: prefix.to_string(),
         });
     }
+    let own: std::collections::BTreeSet<std::net::IpAddr> = targets
+        .iter()
+        .filter_map(|t| {
+            let host = t.rsplit_once("://").map_or(t.as_str(), |(_, h)| h);
+            host.parse().ok().or_else(|| {
+                host.rsplit_once(':')
+                    .and_then(|(h, _)| h.trim_matches(['[', ']']).parse().ok())
+            })
+        })
+        .collect();
     let upstreams = caddy_fleet_schema::template::FixedTargets(targets);
-    Ok(caddy_fleet_schema::labels::from_labels(&labels, prefix, &upstreams)?.marshal())
+    let file = caddy_fleet_schema::labels::from_labels(&labels, prefix, &upstreams)?;
+    if let Some((agent, policy)) = agent {
+        let refused = |reason: String| LabelsError::Refused {
+            agent: agent.to_string(),
+            reason,
+        };
+        let grant = policy.grant(agent).map_err(refused)?;
+        if !grant.trusted {
+            let own = caddy_fleet_schema::restrict::OwnUpstreams {
+                any_port: own,
+                ..Default::default()
+            };
+            caddy_fleet_schema::restrict::check(&file, &grant, &own).map_err(refused)?;
+        }
+    }
+    Ok(file.marshal())
 }
 
 /// The Caddyfile for a live local container's labels. Upstreams are the

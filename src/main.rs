@@ -130,6 +130,11 @@ struct LabelsArgs {
     /// the flag or separate addresses with commas.
     #[arg(long, value_delimiter = ',')]
     upstreams: Option<Vec<String>>,
+    /// Print what the applier would accept from this agent under the
+    /// policy (POLICY_FILE / --policy-file); a refusal is one line on
+    /// stderr and exit status 1.
+    #[arg(long, value_name = "ID", conflicts_with = "container")]
+    agent: Option<String>,
 }
 
 /// `caddy-fleet labels`: the label prefix and, with --container, the
@@ -149,7 +154,21 @@ async fn labels(args: LabelsArgs, settings: &Settings) -> anyhow::Result<()> {
                 None => std::io::read_to_string(std::io::stdin())
                     .map_err(|e| anyhow!("cannot read labels from stdin: {e}"))?,
             };
-            caddy_fleet::labels_caddyfile(&text, prefix, args.upstreams.unwrap_or_default())?
+            let agent = args
+                .agent
+                .as_deref()
+                .map(caddy_fleet::schema::AgentId::new)
+                .transpose()?;
+            let policy = match &agent {
+                Some(_) => Some(settings.translate_options(None)?.policy),
+                None => None,
+            };
+            caddy_fleet::labels_caddyfile_for(
+                &text,
+                prefix,
+                args.upstreams.unwrap_or_default(),
+                agent.as_ref().zip(policy.as_ref()),
+            )?
         }
     };
     print!("{caddyfile}");

@@ -77,6 +77,80 @@ fn labels_command_reads_stdin_and_resolves_upstreams() {
     );
 }
 
+/// `labels --agent ID` prints what the applier would accept from that
+/// agent under the policy; a refusal is one line on stderr and exit 1.
+#[test]
+fn labels_command_applies_an_agents_policy() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("caddy-fleet-labels-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, "[agents.web-1]\ndomains = [\"a.test\"]\n").unwrap();
+    let run = |agent: &str, labels: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+            .args(["labels", "--upstreams", "10.0.0.2", "--agent", agent])
+            .arg("--policy-file")
+            .arg(&policy)
+            .env_remove("DOCKER_LABEL_PREFIX")
+            .env_remove("POLICY_FILE")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(labels.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let ok = run(
+        "web-1",
+        "caddy = a.test\ncaddy.reverse_proxy = {{upstreams 80}}\n",
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(ok.stdout).unwrap(),
+        "a.test {\n\treverse_proxy 10.0.0.2:80\n}\n"
+    );
+    for (agent, labels, needle) in [
+        (
+            "web-1",
+            "caddy = b.test\ncaddy.respond = x\n",
+            "not among the domains",
+        ),
+        (
+            "web-1",
+            "caddy = a.test\ncaddy.reverse_proxy = 127.0.0.1:2019\n",
+            "loopback",
+        ),
+        (
+            "web-1",
+            "caddy = a.test\ncaddy_1.admin = :2020\n",
+            "global options",
+        ),
+        (
+            "other",
+            "caddy = a.test\ncaddy.respond = x\n",
+            "[agents.other]",
+        ),
+    ] {
+        let out = run(agent, labels);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{labels}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "{labels}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_command_translates_a_live_container() {
     let id = unique();
