@@ -132,6 +132,15 @@ pub async fn run_standalone(
     board: Arc<StatusBoard>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), FleetError> {
+    // The one host's own containers: its agent is the local one, trusted
+    // unless the policy lists it.
+    let mut applier = applier;
+    if applier.translate.policy.local().is_none() {
+        applier.translate.policy = applier
+            .translate
+            .policy
+            .with_local(Some(publisher.agent.clone()));
+    }
     let docker = crate::connect_docker().await?;
     let (events, received) = tokio::sync::mpsc::channel(1024);
     tracing::info!(agent = %publisher.agent, caddy = %applier.caddy_admin_url, "Standalone: watching Docker, driving Caddy, no NATS.");

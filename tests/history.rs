@@ -265,6 +265,10 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
     );
     let base = std::env::temp_dir().join(format!("caddy-fleet-history-{}", unique()));
     std::fs::write(&base, caddy.base_caddyfile()).unwrap();
+    // The live applier trusts the test's agents; the commands must read
+    // the log under the same policy to agree with it.
+    let policy = base.with_extension("policy.toml");
+    std::fs::write(&policy, "[default]\ndomains = [\"*\"]\ntrusted = true\n").unwrap();
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
             .args(args)
@@ -272,6 +276,7 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
             .env("APPLIER_NAME", "live")
             .env("CADDY_API_URL", caddy.admin_url())
             .env("CADDY_BASE_CADDYFILE", &base)
+            .env("POLICY_FILE", &policy)
             .env("STATUS_LISTEN", "127.0.0.1:1")
             .env_remove("RUST_BACKTRACE")
             .output()

@@ -162,6 +162,12 @@ pub fn declares_domain(facts: &crate::ContainerFacts, domain: &str, prefix: &str
 /// Every container whose labels name `domain` (as a site address, with or
 /// without scheme and port), included or left out, with the reason.
 pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> Vec<ExplainEntry> {
+    // What the applier would refuse, and why: labels, policy, ownership.
+    let (_, refused) = translate_units(state, options, &std::collections::BTreeSet::new());
+    let refused: std::collections::BTreeMap<&str, &crate::translate::Rejected> = refused
+        .iter()
+        .map(|r| (r.container_id.as_str(), r))
+        .collect();
     let mut entries = Vec::new();
     for agent in state.agents.values() {
         for record in agent.containers.values() {
@@ -188,6 +194,15 @@ pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> 
                     )
                     .to_lowercase(),
                 );
+            } else if let Some(refusal) = refused.get(facts.id.as_str()) {
+                entry.left_out = Some(match refusal.by {
+                    crate::translate::RefusedBy::Labels => {
+                        format!("labels rejected: {}", refusal.reason)
+                    }
+                    crate::translate::RefusedBy::Policy => {
+                        format!("refused by policy: {}", refusal.reason)
+                    }
+                });
             } else {
                 match crate::translate::translate_container(facts, options) {
                     Err(error) => entry.left_out = Some(format!("labels rejected: {error}")),
