@@ -84,9 +84,17 @@ fn main() {
     };
     let (units, refused) = translate_units(&state, &untrusted, &BTreeSet::new());
     assert_eq!((units.len(), refused.len()), (CONTAINERS, 0), "{refused:?}");
-    let with_policy = best(|| {
+    // Interleaved, best of many: the machine's noise is larger than the
+    // difference being measured.
+    let (mut trusting, mut with_policy) = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 * ROUNDS {
+        let started = Instant::now();
+        std::hint::black_box(translate_units(&state, &options, &BTreeSet::new()));
+        trusting = trusting.min(started.elapsed());
+        let started = Instant::now();
         std::hint::black_box(translate_units(&state, &untrusted, &BTreeSet::new()));
-    });
+        with_policy = with_policy.min(started.elapsed());
+    }
     let pct = |part: Duration, whole: Duration| 100.0 * part.as_secs_f64() / whole.as_secs_f64();
     println!(
         "bounds: decode {CONTAINERS} messages: plain {:.2} ms, with subject checks {:.2} ms (+{:.1} %)",
@@ -102,8 +110,8 @@ fn main() {
     );
     println!(
         "bounds: translate {CONTAINERS} containers trusting everyone {:.2} ms, under an untrusted policy {:.2} ms (+{:.1} %)",
-        translate.as_secs_f64() * 1e3,
+        trusting.as_secs_f64() * 1e3,
         with_policy.as_secs_f64() * 1e3,
-        pct(with_policy.saturating_sub(translate), translate)
+        pct(with_policy.saturating_sub(trusting), trusting)
     );
 }

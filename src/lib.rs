@@ -238,7 +238,7 @@ pub fn labels_caddyfile_for(
             prefix: prefix.to_string(),
         });
     }
-    let own: std::collections::BTreeSet<std::net::IpAddr> = targets
+    let own: Vec<std::net::IpAddr> = targets
         .iter()
         .filter_map(|t| {
             let host = t.rsplit_once("://").map_or(t.as_str(), |(_, h)| h);

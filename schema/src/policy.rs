@@ -48,6 +48,14 @@ pub struct Grant {
     pub trusted: bool,
 }
 
+/// The local agent's grant: everything.
+static TRUSTED: Grant = Grant {
+    domains: Vec::new(),
+    upstreams: Vec::new(),
+    host_ip: None,
+    trusted: true,
+};
+
 /// The policy file's shape.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,19 +167,15 @@ impl Policy {
     }
 
     /// The grant that applies to `agent`, or why it has none.
-    pub fn grant(&self, agent: &AgentId) -> Result<Grant, String> {
+    pub fn grant(&self, agent: &AgentId) -> Result<&Grant, String> {
         if let Some(grant) = self.agents.get(agent) {
-            return Ok(grant.clone());
+            return Ok(grant);
         }
         if self.local.as_ref() == Some(agent) {
-            return Ok(Grant {
-                domains: vec!["*".into()],
-                trusted: true,
-                ..Grant::default()
-            });
+            return Ok(&TRUSTED);
         }
         match &self.default {
-            Some(grant) => Ok(grant.clone()),
+            Some(grant) => Ok(grant),
             None if self.from_file => Err(format!(
                 "agent {agent} is not in the policy: add [agents.{agent}] with its domains (or a [default] table) to POLICY_FILE"
             )),
@@ -206,16 +210,25 @@ impl Grant {
 /// `pattern` grants `host`: equal (case-insensitive), `*` for any host, or
 /// `*.suffix` for exactly one label in front of `suffix`.
 pub fn domain_matches(pattern: &str, host: &str) -> bool {
-    let pattern = pattern.to_ascii_lowercase();
-    let host = host.to_ascii_lowercase();
-    if pattern == "*" || pattern == host {
+    if pattern == "*" || pattern.eq_ignore_ascii_case(host) {
         return true;
     }
     match pattern.strip_prefix("*.") {
-        Some(suffix) => host
-            .strip_suffix(suffix)
-            .and_then(|front| front.strip_suffix('.'))
-            .is_some_and(|label| !label.is_empty() && !label.contains('.') && label != "*"),
+        Some(suffix) => {
+            // `host` = `<label>.<suffix>`, compared without allocating.
+            let Some(split) = host.len().checked_sub(suffix.len() + 1) else {
+                return false;
+            };
+            if !host.is_char_boundary(split) {
+                return false;
+            }
+            let (front, rest) = host.split_at(split);
+            rest.strip_prefix('.')
+                .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix))
+                && !front.is_empty()
+                && !front.contains('.')
+                && front != "*"
+        }
         None => false,
     }
 }

@@ -29,17 +29,30 @@ use crate::caddyfile::{proxy_matcher, Block, Caddyfile};
 use crate::policy::{is_host_name, Grant};
 
 /// What an upstream may be, besides the grant's CIDRs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OwnUpstreams {
-    /// `ip:port` pairs of the container's own published ports, at its
-    /// agent's (pinned) host address, and for the local agent its
-    /// addresses on the ingress network.
-    pub allowed: BTreeSet<(IpAddr, u16)>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnUpstreams<'a> {
+    /// The agent's (pinned, acceptable) host address, if any.
+    pub host: Option<IpAddr>,
+    /// The container's published ports; with `host`, its own upstreams.
+    pub ports: &'a [crate::event::PortBinding],
     /// Addresses any port of which is the container's own (the local
     /// agent's containers on the ingress network).
-    pub any_port: BTreeSet<IpAddr>,
+    pub any_port: Vec<IpAddr>,
     /// Addresses that are never upstreams: Caddy's own.
-    pub forbidden: BTreeSet<IpAddr>,
+    pub forbidden: &'a BTreeSet<IpAddr>,
+}
+
+static NO_ADDRESSES: BTreeSet<IpAddr> = BTreeSet::new();
+
+impl Default for OwnUpstreams<'_> {
+    fn default() -> Self {
+        OwnUpstreams {
+            host: None,
+            ports: &[],
+            any_port: Vec::new(),
+            forbidden: &NO_ADDRESSES,
+        }
+    }
 }
 
 /// Directives an untrusted site may use (at its top level, and inside
@@ -157,7 +170,7 @@ pub fn check(file: &Caddyfile, grant: &Grant, own: &OwnUpstreams) -> Result<(), 
         }
         for address in &block.keys {
             let host = site_host(address)?;
-            if !grant.allows_domain(&host) {
+            if !grant.allows_domain(host) {
                 return Err(format!(
                     "site {address} is not among the domains the policy grants this agent"
                 ));
@@ -169,26 +182,27 @@ pub fn check(file: &Caddyfile, grant: &Grant, own: &OwnUpstreams) -> Result<(), 
 }
 
 /// Refuses placeholders that read the environment, files or the system,
-/// in any token of the block, at any depth (iteratively).
+/// in any token of the block, at any depth (bounded by the label tree's).
 fn check_placeholders(block: &Block) -> Result<(), String> {
-    let mut stack = vec![block];
-    while let Some(b) = stack.pop() {
-        for token in &b.keys {
-            for bad in ["{$", "{env.", "{file.", "{system."] {
-                if token.contains(bad) {
-                    return Err(format!(
-                        "placeholder {bad}… is not allowed for this agent (it reads Caddy's host)"
-                    ));
-                }
+    for token in &block.keys {
+        // One scan for `{`, then the forbidden prefixes after it.
+        for (at, _) in token.match_indices('{') {
+            let rest = &token[at..];
+            if let Some(bad) = ["{$", "{env.", "{file.", "{system."]
+                .into_iter()
+                .find(|bad| rest.starts_with(bad))
+            {
+                return Err(format!(
+                    "placeholder {bad}… is not allowed for this agent (it reads Caddy's host)"
+                ));
             }
         }
-        stack.extend(&b.children);
     }
-    Ok(())
+    block.children.iter().try_for_each(check_placeholders)
 }
 
-/// The host of a site address: `[http[s]://]host[:80|:443]`, lower-cased.
-fn site_host(address: &str) -> Result<String, String> {
+/// The host of a site address: `[http[s]://]host[:80|:443]`.
+fn site_host(address: &str) -> Result<&str, String> {
     let refuse = |why: &str| Err(format!("site address {address:?}: {why}"));
     let rest = address
         .strip_prefix("https://")
@@ -209,8 +223,7 @@ fn site_host(address: &str) -> Result<String, String> {
             return refuse("only ports 80 and 443 are allowed");
         }
     }
-    let host = host.to_ascii_lowercase();
-    let named = host.strip_prefix("*.").unwrap_or(&host);
+    let named = host.strip_prefix("*.").unwrap_or(host);
     if !is_host_name(named) {
         return refuse("a host name is required (no catch-alls, `*` or IP addresses)");
     }
@@ -396,8 +409,12 @@ fn check_upstream(upstream: &str, grant: &Grant, own: &OwnUpstreams) -> Result<(
             "loopback, link-local, unspecified and Caddy's own addresses are never upstreams",
         );
     }
-    if own.allowed.contains(&(ip, port)) || own.any_port.contains(&ip) || grant.allows_upstream(ip)
-    {
+    let published = own.host == Some(ip)
+        && own
+            .ports
+            .iter()
+            .any(|p| p.protocol == "tcp" && p.host_port == port);
+    if published || own.any_port.contains(&ip) || grant.allows_upstream(ip) {
         Ok(())
     } else {
         refuse("neither one of this container's published ports at its host's address nor in the policy's upstreams")
@@ -485,10 +502,21 @@ mod tests {
         }
     }
 
-    fn own() -> OwnUpstreams {
+    fn own() -> OwnUpstreams<'static> {
+        static CADDY: std::sync::OnceLock<BTreeSet<IpAddr>> = std::sync::OnceLock::new();
+        static PORTS: std::sync::OnceLock<Vec<crate::event::PortBinding>> =
+            std::sync::OnceLock::new();
         OwnUpstreams {
-            allowed: [("10.0.0.5".parse().unwrap(), 80)].into(),
-            forbidden: ["10.0.0.1".parse().unwrap()].into(),
+            host: Some("10.0.0.5".parse().unwrap()),
+            ports: PORTS.get_or_init(|| {
+                vec![crate::event::PortBinding {
+                    container_port: 80,
+                    protocol: "tcp".into(),
+                    host_ip: "0.0.0.0".into(),
+                    host_port: 80,
+                }]
+            }),
+            forbidden: CADDY.get_or_init(|| ["10.0.0.1".parse().unwrap()].into()),
             ..OwnUpstreams::default()
         }
     }

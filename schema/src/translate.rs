@@ -187,8 +187,8 @@ pub fn translate_owned(
             }
         };
         if !grant.trusted {
-            let own = own_upstreams(facts, &grant, options);
-            if let Err(reason) = restrict::check(&file, &grant, &own) {
+            let own = own_upstreams(facts, grant, options);
+            if let Err(reason) = restrict::check(&file, grant, &own) {
                 rejected.push(refuse(record, RefusedBy::Policy, reason));
                 continue;
             }
@@ -203,42 +203,44 @@ pub fn translate_owned(
         let record = candidates[i].0;
         (!owned.contains(record.facts.id.as_str()), record.seq)
     });
-    // Per site address: (owner record, its blocks' shape, trusted).
-    let mut claims: BTreeMap<String, (&ContainerRecord, String, bool)> = BTreeMap::new();
+    // Per site address: the owning candidate and its site block. Shapes
+    // are compared only when a second container declares an address.
+    let mut claims: BTreeMap<String, (usize, &Block)> = BTreeMap::new();
     let mut accepted = vec![false; candidates.len()];
     'containers: for i in order {
         let (record, file, trusted) = &candidates[i];
-        let sites: Vec<(String, String)> = file
-            .blocks
-            .iter()
-            .flat_map(|block| {
-                let shape = shape_of(block);
-                block
-                    .keys
-                    .iter()
-                    .map(move |address| (address.to_ascii_lowercase(), shape.clone()))
-            })
-            .collect();
-        for (address, shape) in &sites {
-            if let Some((owner, owner_shape, owner_trusted)) = claims.get(address) {
-                if owner_shape != shape && !(*trusted && *owner_trusted) {
+        for block in &file.blocks {
+            for address in &block.keys {
+                let Some(&(owner, owner_block)) = claims.get(&address.to_ascii_lowercase()) else {
+                    continue;
+                };
+                let (owner_record, _, owner_trusted) = &candidates[owner];
+                if !(*trusted && *owner_trusted) && shape_of(owner_block) != shape_of(block) {
                     rejected.push(refuse(
                         record,
                         RefusedBy::Policy,
                         format!(
                             "site {address} is served by agent {} container {}; only identical declarations (upstreams aside) share a site",
-                            owner.facts.agent, owner.facts.name
+                            owner_record.facts.agent, owner_record.facts.name
                         ),
                     ));
                     continue 'containers;
                 }
             }
         }
-        for (address, shape) in sites {
-            claims.entry(address).or_insert((record, shape, *trusted));
+        for block in &file.blocks {
+            for address in &block.keys {
+                claims
+                    .entry(address.to_ascii_lowercase())
+                    .or_insert((i, block));
+            }
         }
         accepted[i] = true;
     }
+    let owners = claims
+        .into_iter()
+        .map(|(address, (i, _))| (address, candidates[i].0.facts.id.clone()))
+        .collect();
 
     let mut units = Vec::new();
     for ((record, file, _), accepted) in candidates.into_iter().zip(accepted) {
@@ -252,10 +254,6 @@ pub fn translate_owned(
             });
         }
     }
-    let owners = claims
-        .into_iter()
-        .map(|(address, (record, _, _))| (address, record.facts.id.clone()))
-        .collect();
     (units, rejected, owners)
 }
 
@@ -287,13 +285,13 @@ fn shape_of(block: &Block) -> String {
 /// at its host's address (pinned by `host_ip`, else the reported one, never
 /// loopback, link-local or Caddy's own), and for the local agent its
 /// addresses on the ingress network.
-fn own_upstreams(
-    facts: &ContainerFacts,
+fn own_upstreams<'a>(
+    facts: &'a ContainerFacts,
     grant: &Grant,
-    options: &TranslateOptions,
-) -> OwnUpstreams {
+    options: &'a TranslateOptions,
+) -> OwnUpstreams<'a> {
     let mut own = OwnUpstreams {
-        forbidden: options.caddy_addresses.clone(),
+        forbidden: &options.caddy_addresses,
         ..OwnUpstreams::default()
     };
     if let Ok(ip) = facts.host_address.parse::<IpAddr>() {
@@ -302,9 +300,8 @@ fn own_upstreams(
             None => !is_never_an_upstream(ip) && !options.caddy_addresses.contains(&ip),
         };
         if acceptable {
-            for binding in facts.ports.iter().filter(|p| p.protocol == "tcp") {
-                own.allowed.insert((ip, binding.host_port));
-            }
+            own.host = Some(ip);
+            own.ports = &facts.ports;
         }
     }
     if let Some(local) = options.local.as_ref().filter(|l| l.agent == facts.agent) {
@@ -313,7 +310,7 @@ fn own_upstreams(
             .get(&local.network)
             .and_then(|ip| ip.parse::<IpAddr>().ok())
         {
-            own.any_port.insert(ip);
+            own.any_port.push(ip);
         }
     }
     own
