@@ -261,7 +261,7 @@ pub fn labels_caddyfile_for(
                 any_port: own,
                 ..Default::default()
             };
-            caddy_fleet_schema::restrict::check(&file, &grant, &own).map_err(refused)?;
+            caddy_fleet_schema::restrict::check(&file, grant, &own).map_err(refused)?;
         }
     }
     Ok(file.marshal())
