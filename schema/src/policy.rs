@@ -244,7 +244,7 @@ pub fn is_host_name(host: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
-        && host.parse::<IpAddr>().is_err()
+        // Not an IPv4 address (an IPv6 one has `:`, refused above).
         && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
 }
 
