@@ -154,6 +154,14 @@ async fn an_untrusted_agent_cannot_reach_beyond_its_grant() {
         );
     }
     assert!(refused.iter().any(|r| r.contains(&owner)), "{refused:#?}");
+    let metrics = board.metrics();
+    assert!(
+        metrics.contains(&format!(
+            "caddy_fleet_refused_containers{{by=\"policy\"}} {}",
+            attacks.len()
+        )),
+        "{metrics}"
+    );
 
     // The owner still serves its site; Caddy's admin endpoint is where the
     // base Caddyfile puts it; nothing answers the catch-all.

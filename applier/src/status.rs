@@ -175,6 +175,15 @@ impl StatusBoard {
             "1 when Caddy runs the config for the current state.",
             u8::from(view.converged).to_string(),
         );
+        out.push_str(
+            "# HELP caddy_fleet_refused_containers Containers left out of the config, by who refused them (labels, policy, caddy).\n# TYPE caddy_fleet_refused_containers gauge\n",
+        );
+        for by in ["labels", "policy", "caddy"] {
+            let count = view.rejected.iter().filter(|r| r.by == by).count();
+            out.push_str(&format!(
+                "caddy_fleet_refused_containers{{by=\"{by}\"}} {count}\n"
+            ));
+        }
         out
     }
 }
