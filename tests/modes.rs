@@ -102,7 +102,11 @@ async fn the_shipped_nats_config_confines_each_agent_to_its_subjects() {
     let applier = connect(&user(&url, "applier", "pw-applier", None))
         .await
         .unwrap();
-    let applier_js = jetstream::new(applier);
+    let applier_js = jetstream::new(applier.clone());
+    // The applier's user has only what it needs: it cannot speak for a host.
+    let strict = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(applier);
     let stream = ensure_stream(&applier_js, &StreamSettings::default())
         .await
         .unwrap();
@@ -154,6 +158,16 @@ async fn the_shipped_nats_config_confines_each_agent_to_its_subjects() {
         wait_for_log(&stream, 1).await,
         1,
         "only agent1's own message was stored"
+    );
+
+    assert!(
+        strict
+            .publish("fleet.agent1.hb", "forged".into())
+            .await
+            .unwrap()
+            .await
+            .is_err(),
+        "the applier's user must not publish on an agent's subjects"
     );
 
     // No ack reflection: JetStream acks a publish to whatever reply subject
