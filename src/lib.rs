@@ -8,6 +8,7 @@
 //!
 //! - [`settings`]: every setting, layered and validated.
 //! - [`modes`]: standalone, server, agent and applier, built from settings.
+//! - [`agent_admin`]: `agent add|revoke`, one command per host added or removed.
 //! - [`history`]: the read-only debugging commands over the log.
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use caddy_fleet_publisher::bollard::errors::Error as DockerError;
 use caddy_fleet_publisher::outbox::{run_sender, Outbox, OutboxSink};
 use caddy_fleet_publisher::PublisherConfig;
 
+pub mod agent_admin;
 pub mod history;
 pub mod modes;
 pub mod settings;

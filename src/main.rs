@@ -36,9 +36,13 @@ enum Command {
     Standalone,
     /// The Caddy host: the applier plus a publisher for this host's containers.
     Server,
-    /// A Docker host of the fleet: publish container facts to NATS.
+    /// A Docker host of the fleet: publish container facts to NATS
+    /// (`agent add|revoke <id>` adds or removes a host instead).
     #[command(alias = "agent")]
-    Publisher,
+    Publisher {
+        #[command(subcommand)]
+        admin: Option<AgentAdmin>,
+    },
     /// Read the log from NATS and converge Caddy to it.
     Applier,
     /// Print the Caddyfile that labels translate to (for debugging labels).
@@ -53,6 +57,81 @@ enum Command {
     Diff(DiffArgs),
     /// Which containers on which agents produce a site, and which are left out and why.
     Explain(ExplainArgs),
+}
+
+/// Adding and removing hosts.
+#[derive(Subcommand)]
+enum AgentAdmin {
+    /// Add a host: its NATS account (new password, bcrypt-hashed), its policy entry and its credentials file.
+    Add(AgentAddArgs),
+    /// Remove a host: its NATS account, policy entry and credentials file.
+    Revoke(AgentFilesArgs),
+}
+
+#[derive(Args)]
+struct AgentFilesArgs {
+    /// The agent ID.
+    id: String,
+    /// The NATS server config to edit.
+    #[arg(long, default_value = "compose/nats/nats.conf")]
+    nats_config: PathBuf,
+    /// The policy to edit (default: POLICY_FILE, else compose/policy.toml).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Where the `<id>.env` credentials file goes.
+    #[arg(long, default_value = ".")]
+    credentials_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct AgentAddArgs {
+    #[command(flatten)]
+    files: AgentFilesArgs,
+    /// A site the host may serve (repeat, or separate with commas).
+    #[arg(long = "domain", value_delimiter = ',')]
+    domains: Vec<String>,
+}
+
+/// `caddy-fleet agent add|revoke`.
+fn agent_admin(admin: AgentAdmin, settings: &Settings) -> anyhow::Result<()> {
+    let files_of = |args: &AgentFilesArgs| -> anyhow::Result<_> {
+        Ok((
+            caddy_fleet::schema::AgentId::new(args.id.clone())?,
+            caddy_fleet::agent_admin::AgentFiles {
+                nats_config: args.nats_config.clone(),
+                policy: args
+                    .policy
+                    .clone()
+                    .or_else(|| settings.policy_file.clone())
+                    .unwrap_or_else(|| PathBuf::from("compose/policy.toml")),
+                credentials_dir: args.credentials_dir.clone(),
+            },
+        ))
+    };
+    match admin {
+        AgentAdmin::Add(args) => {
+            let (agent, files) = files_of(&args.files)?;
+            let added = caddy_fleet::agent_admin::add(&files, &agent, &args.domains)?;
+            println!(
+                "agent {agent} added: NATS account in {}, policy entry in {}, credentials in {} (NATS_PASSWORD={}). Reload NATS (nats-server --signal reload) and start the host with --env-file {}.",
+                files.nats_config.display(),
+                files.policy.display(),
+                added.credentials_file.display(),
+                added.password,
+                added.credentials_file.display()
+            );
+        }
+        AgentAdmin::Revoke(args) => {
+            let (agent, files) = files_of(&args)?;
+            caddy_fleet::agent_admin::revoke(&files, &agent)?;
+            println!(
+                "agent {agent} revoked: removed from {} and {}; reload NATS to cut its connection.",
+                files.nats_config.display(),
+                files.policy.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A point in the log: RFC 3339 time, stream sequence, a duration back from now (2h), or `now`.
@@ -222,7 +301,8 @@ async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
         Some(Command::Labels(args)) => return labels(args, &settings).await,
         Some(Command::Standalone) => Some(Mode::Standalone),
         Some(Command::Server) => Some(Mode::Server),
-        Some(Command::Publisher) => Some(Mode::Agent),
+        Some(Command::Publisher { admin: Some(admin) }) => return agent_admin(admin, &settings),
+        Some(Command::Publisher { admin: None }) => Some(Mode::Agent),
         Some(Command::Applier) => Some(Mode::Applier),
         Some(Command::Routes(a)) => return inspect(Inspect::Routes, a.json, &settings).await,
         Some(Command::History(a)) => {

@@ -76,27 +76,12 @@ fn user(url: &str, user: &str, password: &str, inbox: Option<&str>) -> NatsConfi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_nats_config_confines_each_agent_to_its_subjects() {
-    ensure_images();
     let conf = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/compose/nats/nats.conf"
     ))
     .unwrap();
-    let nats = GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
-        .with_exposed_port(4222.tcp())
-        .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
-        .with_cmd(["--config", "/etc/nats/nats.conf"])
-        .with_copy_to("/etc/nats/nats.conf", conf)
-        .with_env_var("NATS_APPLIER_PASSWORD", "pw-applier")
-        .with_env_var("NATS_AGENT1_PASSWORD", "pw-agent1")
-        .with_env_var("NATS_AGENT2_PASSWORD", "pw-agent2")
-        .start()
-        .await
-        .unwrap();
-    let url = format!(
-        "nats://127.0.0.1:{}",
-        nats.get_host_port_ipv4(4222).await.unwrap()
-    );
+    let (_nats, url) = nats_with_config(conf).await;
 
     // The applier manages the stream.
     let applier = connect(&user(&url, "applier", "pw-applier", None))
@@ -372,5 +357,127 @@ fn settings_errors_are_one_line_with_exit_status_1_even_with_backtraces_on() {
             "{stderr:?} should start with {expected:?}"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// NATS started from `conf` with the shipped password variables set.
+async fn nats_with_config(conf: Vec<u8>) -> (testcontainers::ContainerAsync<GenericImage>, String) {
+    ensure_images();
+    let nats = GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
+        .with_exposed_port(4222.tcp())
+        .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+        .with_cmd(["--config", "/etc/nats/nats.conf"])
+        .with_copy_to("/etc/nats/nats.conf", conf)
+        .with_env_var("NATS_APPLIER_PASSWORD", "pw-applier")
+        .with_env_var("NATS_AGENT1_PASSWORD", "pw-agent1")
+        .with_env_var("NATS_AGENT2_PASSWORD", "pw-agent2")
+        .start()
+        .await
+        .unwrap();
+    let url = format!(
+        "nats://127.0.0.1:{}",
+        nats.get_host_port_ipv4(4222).await.unwrap()
+    );
+    (nats, url)
+}
+
+/// `agent add` makes a host that can publish its own facts and is granted
+/// its sites; `agent revoke` takes all of it away again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_add_and_revoke_manage_a_hosts_account_policy_and_credentials() {
+    let dir = std::env::temp_dir().join(format!("caddy-fleet-agents-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let conf = dir.join("nats.conf");
+    let policy = dir.join("policy.toml");
+    std::fs::copy(format!("{root}/compose/nats/nats.conf"), &conf).unwrap();
+    std::fs::copy(format!("{root}/compose/policy.toml"), &policy).unwrap();
+    let admin = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+            .arg("agent")
+            .args(args)
+            .arg("--nats-config")
+            .arg(&conf)
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--credentials-dir")
+            .arg(&dir)
+            .env_remove("POLICY_FILE")
+            .output()
+            .unwrap()
+    };
+    let out = admin(&["add", "web-9", "--domain", "web9.test"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second add of the same ID is refused, changing nothing.
+    let again = admin(&["add", "web-9"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let env = std::fs::read_to_string(dir.join("web-9.env")).unwrap();
+    let password = env
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS_PASSWORD="))
+        .unwrap()
+        .to_string();
+    let parsed =
+        caddy_fleet::schema::policy::Policy::parse(&std::fs::read_to_string(&policy).unwrap())
+            .unwrap();
+    let grant = parsed.grant(&AgentId::new("web-9").unwrap()).unwrap();
+    assert!(grant.allows_domain("web9.test") && !grant.trusted);
+    assert!(
+        parsed.grant(&AgentId::new("agent1").unwrap()).is_ok(),
+        "other entries kept"
+    );
+
+    // NATS takes the new account: the host publishes on its own subjects.
+    let (_nats, url) = nats_with_config(std::fs::read(&conf).unwrap()).await;
+    let applier = jetstream::new(
+        connect(&user(&url, "applier", "pw-applier", None))
+            .await
+            .unwrap(),
+    );
+    ensure_stream(&applier, &StreamSettings::default())
+        .await
+        .unwrap();
+    let web9 = AgentId::new("web-9").unwrap();
+    ensure_agent_stream(&applier, &StreamSettings::default(), &web9)
+        .await
+        .unwrap();
+    let host = connect(&user(&url, "web-9", &password, Some("_INBOX_web-9")))
+        .await
+        .unwrap();
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(host);
+    EventPublisher::new(js, web9.clone(), "t")
+        .with_max_attempts(1)
+        .publish(&Event::Heartbeat(Heartbeat {
+            agent: web9,
+            sent_at_ms: 1,
+        }))
+        .await
+        .expect("the new host may publish on fleet.web-9.>");
+
+    // Revoked: no account, no policy entry, no credentials file.
+    let out = admin(&["revoke", "web-9"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.join("web-9.env").exists());
+    let parsed =
+        caddy_fleet::schema::policy::Policy::parse(&std::fs::read_to_string(&policy).unwrap())
+            .unwrap();
+    assert!(parsed.grant(&AgentId::new("web-9").unwrap()).is_err());
+    let (_revoked, url) = nats_with_config(std::fs::read(&conf).unwrap()).await;
+    let refused = connect(&user(&url, "web-9", &password, None)).await;
+    assert!(refused.is_err_and(|e| e.is_auth_failure()));
+    let agent1 = connect(&user(&url, "agent1", "pw-agent1", None)).await;
+    assert!(agent1.is_ok(), "other hosts keep their accounts");
     let _ = std::fs::remove_dir_all(&dir);
 }
