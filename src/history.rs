@@ -257,6 +257,21 @@ pub struct TimedRoutes {
     pub routes: Vec<RouteRow>,
     /// Stream time of each `since_seq`, RFC 3339.
     pub since: BTreeMap<u64, String>,
+    /// Containers left out, by whom and why.
+    pub refused: Vec<RefusedRow>,
+    /// `applier` (a live applier's `/status`: what Caddy runs) or `log`
+    /// (a fold of the log: Caddy's own refusals are not in it).
+    pub source: &'static str,
+}
+
+/// A container left out of the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RefusedRow {
+    pub agent: String,
+    pub container: String,
+    /// `labels`, `policy` or `caddy`.
+    pub by: String,
+    pub reason: String,
 }
 
 /// Looks up the stream time of every `since_seq` in `routes`.
@@ -269,7 +284,13 @@ pub async fn timed(reader: &LogReader, seq: u64, routes: Vec<RouteRow>) -> Timed
             }
         }
     }
-    TimedRoutes { seq, routes, since }
+    TimedRoutes {
+        seq,
+        routes,
+        since,
+        refused: Vec::new(),
+        source: "log",
+    }
 }
 
 /// The route table as a readable table.
@@ -296,13 +317,44 @@ pub fn render_routes(t: &TimedRoutes) -> String {
             ));
         }
     }
+    if !t.refused.is_empty() {
+        out.push_str(&format!(
+            "\n{:<14} {:<24} {:<7} REASON\n",
+            "AGENT", "REFUSED CONTAINER", "BY"
+        ));
+        for r in &t.refused {
+            out.push_str(&format!(
+                "{:<14} {:<24} {:<7} {}\n",
+                r.agent, r.container, r.by, r.reason
+            ));
+        }
+    }
+    out.push_str(match t.source {
+        "applier" => "(as the live applier reports what Caddy runs)\n",
+        _ => "(from the log: no applier answered at STATUS_LISTEN, so containers Caddy itself refused are not shown)\n",
+    });
     out
 }
 
 /// The routes at `point`, folded from the log.
 pub async fn routes_at(reader: &LogReader, point: Point) -> Result<TimedRoutes, HistoryError> {
     let (seq, state) = reader.state_at(point).await?;
-    Ok(timed(reader, seq, route_table(&state, reader.options())).await)
+    let mut routes = timed(reader, seq, route_table(&state, reader.options())).await;
+    let (_, refused) = caddy_fleet_schema::translate::translate_units(
+        &state,
+        reader.options(),
+        &std::collections::BTreeSet::new(),
+    );
+    routes.refused = refused
+        .into_iter()
+        .map(|r| RefusedRow {
+            agent: r.agent,
+            container: r.container,
+            by: r.by.as_str().to_string(),
+            reason: r.reason,
+        })
+        .collect();
+    Ok(routes)
 }
 
 /// One line of history.
@@ -586,11 +638,13 @@ pub fn render_explain(domain: &str, seq: u64, entries: &[ExplainEntry]) -> Strin
 }
 
 /// The live routes from an applier's `/status`, if one answers at `status_url`.
-pub async fn live_routes(status_url: &str) -> Option<(u64, Vec<RouteRow>)> {
+pub async fn live_routes(status_url: &str) -> Option<(u64, Vec<RouteRow>, Vec<RefusedRow>)> {
     #[derive(serde::Deserialize)]
     struct Status {
         last_seq: u64,
         routes: Vec<LiveRow>,
+        #[serde(default)]
+        rejected: Vec<RefusedRow>,
     }
     #[derive(serde::Deserialize)]
     struct LiveRow {
@@ -637,7 +691,7 @@ pub async fn live_routes(status_url: &str) -> Option<(u64, Vec<RouteRow>)> {
                 .collect(),
         })
         .collect();
-    Some((status.last_seq, rows))
+    Some((status.last_seq, rows, status.rejected))
 }
 
 /// One debugging command, as the binary parsed it.
@@ -684,7 +738,11 @@ pub async fn run(
                 .await
                 .map_err(fleet)?;
             let timed_routes = match live {
-                Some((seq, rows)) => timed(&reader, seq, rows).await,
+                Some((seq, rows, refused)) => TimedRoutes {
+                    refused,
+                    source: "applier",
+                    ..timed(&reader, seq, rows).await
+                },
                 None => routes_at(&reader, Point::Time(now_ms()))
                     .await
                     .map_err(fleet)?,
@@ -806,5 +864,35 @@ mod erased {
             text.push('\n');
             text
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_show_refused_containers_and_where_the_answer_comes_from() {
+        let mut t = TimedRoutes {
+            seq: 1,
+            routes: Vec::new(),
+            since: BTreeMap::new(),
+            refused: vec![RefusedRow {
+                agent: "a1".into(),
+                container: "evil".into(),
+                by: "policy".into(),
+                reason: "site x.test is not among the domains the policy grants this agent".into(),
+            }],
+            source: "log",
+        };
+        let text = render_routes(&t);
+        assert!(text.contains("REFUSED CONTAINER"), "{text}");
+        assert!(
+            text.contains("evil") && text.contains("policy") && text.contains("not among"),
+            "{text}"
+        );
+        assert!(text.contains("(from the log"), "{text}");
+        t.source = "applier";
+        assert!(render_routes(&t).contains("live applier"));
     }
 }

@@ -299,6 +299,9 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
         table.contains("http://web.test") && table.contains("ctr-w1"),
         "{table}"
     );
+    // No applier answers at STATUS_LISTEN here: the table says it comes
+    // from the log alone.
+    assert!(table.contains("(from the log"), "{table}");
     let history_text = cli(&["history", "--domain", "web.test"]);
     assert!(
         history_text.contains("no longer listed: ctr-w2"),
