@@ -24,6 +24,10 @@ pub struct RefusedByCaddy {
     pub container: String,
     pub container_id: String,
     pub reason: String,
+    /// True when it was refused for what its blocks adapt to (an untrusted
+    /// agent's contribution reaching beyond HTTP routes for its sites),
+    /// not because Caddy could not load them.
+    pub by_policy: bool,
     /// The blocks refused; the container is tried again once they change.
     text: String,
 }
@@ -48,7 +52,13 @@ pub struct Converger {
     accepted: BTreeSet<(String, String)>,
     /// Containers Caddy refused, by container ID.
     refused: BTreeMap<String, RefusedByCaddy>,
+    /// Untrusted containers' blocks already adapted and checked, with the
+    /// verdict (a reason when refused).
+    checked: BTreeMap<String, Option<String>>,
 }
+
+/// How many checked texts are remembered before the cache starts over.
+const CHECKED_TEXTS: usize = 20_000;
 
 impl Converger {
     /// A converger for the Caddy at `caddy`, merging into `base`.
@@ -60,6 +70,7 @@ impl Converger {
             pushed: None,
             accepted: BTreeSet::new(),
             refused: BTreeMap::new(),
+            checked: BTreeMap::new(),
         }
     }
 
@@ -95,6 +106,33 @@ impl Converger {
                 .iter()
                 .any(|u| &u.container_id == id && u.text == r.text)
         });
+        // An untrusted container's blocks, adapted alone, may only be HTTP
+        // routes for its own sites (checked once per distinct text).
+        for unit in units.iter().filter(|u| !u.trusted) {
+            if self.refused.contains_key(&unit.container_id) {
+                continue;
+            }
+            let verdict = match self.checked.get(&unit.text) {
+                Some(verdict) => verdict.clone(),
+                None => {
+                    let adapted = self.caddy.adapt(&unit.text).await;
+                    let verdict = match adapted {
+                        Ok(json) => contribution_problem(&json, unit),
+                        // Caddy cannot adapt it: isolation will find out.
+                        Err(CaddyError::Refused { .. }) => None,
+                        Err(error) => return Err(error),
+                    };
+                    if self.checked.len() >= CHECKED_TEXTS {
+                        self.checked.clear();
+                    }
+                    self.checked.insert(unit.text.clone(), verdict.clone());
+                    verdict
+                }
+            };
+            if let Some(reason) = verdict {
+                self.refuse_as(unit, reason, true);
+            }
+        }
         let candidates: Vec<&ContainerUnit> = units
             .iter()
             .filter(|u| !self.refused.contains_key(&u.container_id))
@@ -190,8 +228,17 @@ impl Converger {
     }
 
     fn refuse(&mut self, unit: &ContainerUnit, reason: String) {
-        tracing::warn!(agent = %unit.agent, container = %unit.container, container_id = %unit.container_id,
-            %reason, "Caddy refused this container's blocks; it is left out.");
+        self.refuse_as(unit, reason, false);
+    }
+
+    fn refuse_as(&mut self, unit: &ContainerUnit, reason: String, by_policy: bool) {
+        if by_policy {
+            tracing::warn!(agent = %unit.agent, container = %unit.container, container_id = %unit.container_id,
+                %reason, "This container's blocks adapt to more than its agent may have; it is left out.");
+        } else {
+            tracing::warn!(agent = %unit.agent, container = %unit.container, container_id = %unit.container_id,
+                %reason, "Caddy refused this container's blocks; it is left out.");
+        }
         self.refused.insert(
             unit.container_id.clone(),
             RefusedByCaddy {
@@ -199,6 +246,7 @@ impl Converger {
                 container: unit.container.clone(),
                 container_id: unit.container_id.clone(),
                 reason,
+                by_policy,
                 text: unit.text.clone(),
             },
         );
@@ -245,4 +293,136 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
         (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// What is wrong with an untrusted container's adapted blocks, if anything:
+/// only `apps.http.servers`, each listening only on :80/:443 and holding
+/// only routes matched by the container's own site hosts.
+pub fn contribution_problem(json: &Value, unit: &ContainerUnit) -> Option<String> {
+    let hosts: BTreeSet<String> = unit
+        .file
+        .blocks
+        .iter()
+        .flat_map(|b| &b.keys)
+        .map(|address| {
+            let rest = address
+                .strip_prefix("https://")
+                .or_else(|| address.strip_prefix("http://"))
+                .unwrap_or(address);
+            rest.rsplit_once(':')
+                .map_or(rest, |(h, _)| h)
+                .to_ascii_lowercase()
+        })
+        .collect();
+    let only = |value: &Value, allowed: &[&str], what: &str| -> Option<String> {
+        value
+            .as_object()?
+            .keys()
+            .find(|k| !allowed.contains(&k.as_str()))
+            .map(|k| {
+                format!("its blocks adapt to {what}.{k}, which only the operator may configure")
+            })
+    };
+    let apps = &json["apps"];
+    let problem = only(json, &["apps"], "config")
+        .or_else(|| only(apps, &["http"], "apps"))
+        .or_else(|| only(&apps["http"], &["servers"], "apps.http"));
+    if problem.is_some() {
+        return problem;
+    }
+    for server in apps["http"]["servers"]
+        .as_object()
+        .into_iter()
+        .flat_map(|s| s.values())
+    {
+        if let Some(problem) = only(server, &["listen", "routes", "automatic_https"], "a server") {
+            return Some(problem);
+        }
+        for listen in server["listen"].as_array().into_iter().flatten() {
+            let listen = listen.as_str().unwrap_or("");
+            if listen != ":80" && listen != ":443" {
+                return Some(format!("its blocks adapt to a listener on {listen}"));
+            }
+        }
+        for route in server["routes"].as_array().into_iter().flatten() {
+            let matchers: Vec<&Value> = route["match"].as_array().into_iter().flatten().collect();
+            let matched: Vec<&str> = matchers
+                .iter()
+                .flat_map(|m| m["host"].as_array().into_iter().flatten())
+                .filter_map(Value::as_str)
+                .collect();
+            let only_hosts = matchers
+                .iter()
+                .all(|m| m.as_object().is_some_and(|o| o.keys().all(|k| k == "host")));
+            if matched.is_empty()
+                || !only_hosts
+                || matched
+                    .iter()
+                    .any(|h| !hosts.contains(&h.to_ascii_lowercase()))
+            {
+                return Some(format!(
+                    "its blocks adapt to a route for hosts {matched:?}, not only its own sites"
+                ));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use caddy_fleet_schema::AgentId;
+    use serde_json::json;
+
+    use super::*;
+
+    fn unit(text: &str) -> ContainerUnit {
+        let file = Caddyfile::parse(text).unwrap();
+        ContainerUnit {
+            agent: AgentId::new("a1").unwrap(),
+            container: "c".into(),
+            container_id: "id".into(),
+            text: file.marshal(),
+            file,
+            trusted: false,
+        }
+    }
+
+    #[test]
+    fn only_http_routes_for_its_own_sites_pass() {
+        let u = unit("http://a.test {\n\trespond hi\n}\n");
+        let route =
+            |host: &str| json!({"match": [{"host": [host]}], "handle": [], "terminal": true});
+        let good = json!({"apps": {"http": {"servers": {"srv0": {"listen": [":80"], "routes": [route("a.test")]}}}}});
+        assert_eq!(contribution_problem(&good, &u), None);
+        for (bad, needle) in [
+            (
+                json!({"admin": {"listen": ":2020"}, "apps": {}}),
+                "config.admin",
+            ),
+            (json!({"logging": {}, "apps": {}}), "config.logging"),
+            (json!({"storage": {}, "apps": {}}), "config.storage"),
+            (json!({"apps": {"tls": {}}}), "apps.tls"),
+            (json!({"apps": {"pki": {}}}), "apps.pki"),
+            (
+                json!({"apps": {"http": {"servers": {"s": {"listen": [":2019"], "routes": []}}}}}),
+                ":2019",
+            ),
+            (
+                json!({"apps": {"http": {"servers": {"s": {"listen": [":80"], "routes": [route("b.test")]}}}}}),
+                "b.test",
+            ),
+            (
+                json!({"apps": {"http": {"servers": {"s": {"listen": [":80"], "routes": [{"handle": []}]}}}}}),
+                "not only its own",
+            ),
+            (
+                json!({"apps": {"http": {"servers": {"s": {"listen": [":80"], "logs": {}, "routes": []}}}}}),
+                "logs",
+            ),
+        ] {
+            let problem = contribution_problem(&bad, &u).unwrap_or_default();
+            assert!(problem.contains(needle), "{bad}: {problem:?}");
+        }
+    }
 }

@@ -417,7 +417,7 @@ fn publish_status(
             container: r.container.clone(),
             container_id: r.container_id.clone(),
         },
-        by: "caddy",
+        by: if r.by_policy { "policy" } else { "caddy" },
         reason: r.reason.clone(),
     }));
     let now = Instant::now();

@@ -128,6 +128,9 @@ pub struct ContainerUnit {
     pub file: Caddyfile,
     /// `file` marshalled: identifies what this container contributes.
     pub text: String,
+    /// Whether its agent is trusted with the full grammar; an untrusted
+    /// container's adapted JSON is checked again before it is loaded.
+    pub trusted: bool,
 }
 
 /// Translates every routable container of `state` whose agent is not in
@@ -243,7 +246,7 @@ pub fn translate_owned(
         .collect();
 
     let mut units = Vec::new();
-    for ((record, file, _), accepted) in candidates.into_iter().zip(accepted) {
+    for ((record, file, trusted), accepted) in candidates.into_iter().zip(accepted) {
         if accepted {
             units.push(ContainerUnit {
                 agent: record.facts.agent.clone(),
@@ -251,6 +254,7 @@ pub fn translate_owned(
                 container_id: record.facts.id.clone(),
                 text: file.marshal(),
                 file,
+                trusted,
             });
         }
     }
