@@ -47,6 +47,9 @@ pub enum ProvisionError {
     Stream(#[from] StreamError),
 }
 
+/// How often the log's sources are read again.
+const SOURCES_REREAD: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The JetStream-style error the applier answers a first heartbeat with:
 /// async-nats reports it as a publish error, which the publisher retries.
 const RETRY_REPLY: &[u8] =
@@ -73,8 +76,21 @@ pub async fn run(
         ))
         .await?;
     tokio::pin!(shutdown);
+    // Two appliers adding agents at once can overwrite each other's source
+    // list; re-reading it now and then makes a lost source come back at
+    // that agent's next heartbeat.
+    let mut reread = tokio::time::interval(SOURCES_REREAD);
+    reread.reset();
     loop {
         tokio::select! {
+            // Now and then: forget agents the log no longer sources.
+            _ = reread.tick() => {
+                if let Ok(mut log) = js.get_stream(&settings.name).await {
+                    if let Ok(info) = log.info().await {
+                        known = settings.sourced_agents(&info.config).into_iter().collect();
+                    }
+                }
+            }
             // A heartbeat: provision its agent if it is new.
             message = heartbeats.next() => {
                 let Some(message) = message else { break };

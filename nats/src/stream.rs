@@ -78,6 +78,26 @@ impl StreamSettings {
         }
     }
 
+    /// Whether an existing log's configuration already is what these
+    /// settings ask for (its sources aside).
+    pub fn matches(&self, current: &stream::Config) -> bool {
+        let wanted = self.to_config(Vec::new());
+        current
+            .subjects
+            .iter()
+            .all(|s| !s.starts_with(&format!("{}.", caddy_fleet_schema::subject::SUBJECT_ROOT)))
+            && current.max_age == wanted.max_age
+            && current.max_message_size == wanted.max_message_size
+            && current.duplicate_window == wanted.duplicate_window
+            && current.num_replicas == wanted.num_replicas
+            && current.discard == wanted.discard
+            && current.storage == wanted.storage
+            && current.allow_rollup == wanted.allow_rollup
+            && current.deny_delete == wanted.deny_delete
+            && current.deny_purge == wanted.deny_purge
+            && current.allow_direct == wanted.allow_direct
+    }
+
     /// The name of `agent`'s ingest stream: `<log>_IN_<agent>`.
     pub fn ingest_name(&self, agent: &AgentId) -> String {
         format!("{}_IN_{agent}", self.name)
@@ -168,7 +188,14 @@ pub async fn ensure_stream(
                 name: settings.name.clone(),
                 source,
             })?;
-            info.config.sources.clone().unwrap_or_default()
+            let current = info.config.clone();
+            let sources = current.sources.clone().unwrap_or_default();
+            // Nothing to change: write nothing. A write replaces the whole
+            // source list, so it could undo an agent added meanwhile.
+            if settings.matches(&current) {
+                return Ok(existing);
+            }
+            sources
         }
         Err(_) => Vec::new(),
     };
