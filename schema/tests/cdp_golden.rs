@@ -1,5 +1,7 @@
 //! caddy-docker-proxy's own golden files, run against our translation:
-//! every file in `testdata/cdp/labels` and `testdata/cdp/merge` is a test.
+//! every file in `testdata/cdp/labels` and `testdata/cdp/merge` is a test,
+//! and so is every file of ours in the same format in `testdata/fleet/labels`
+//! (template functions caddy-docker-proxy labels use).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ const SEPARATOR: &str = "----------";
 
 fn files(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata/cdp")
+        .join("testdata")
         .join(dir);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
@@ -28,7 +30,7 @@ fn files(dir: &str) -> Vec<PathBuf> {
 fn every_labels_golden_file_translates_exactly() {
     let mut failures = Vec::new();
     let mut count = 0;
-    for path in files("labels") {
+    for path in files("cdp/labels").into_iter().chain(files("fleet/labels")) {
         let text = std::fs::read_to_string(&path).unwrap();
         let (_, expected) = text.split_once(SEPARATOR).expect("separator");
         let expected = expected.trim();
@@ -65,7 +67,7 @@ fn every_labels_golden_file_translates_exactly() {
 #[test]
 fn every_merge_golden_file_merges_exactly() {
     let mut failures = Vec::new();
-    for path in files("merge") {
+    for path in files("cdp/merge") {
         let text = std::fs::read_to_string(&path).unwrap();
         let parts: Vec<&str> = text.split(&format!("{SEPARATOR}\n")).collect();
         assert_eq!(parts.len(), 3, "{}", path.display());
