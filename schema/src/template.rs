@@ -1013,6 +1013,9 @@ mod tests {
         assert!(t("{{index .Names 0}}")
             .unwrap_err()
             .contains("not available"));
+        assert!(t("{{(index .Names 0)}}")
+            .unwrap_err()
+            .contains("not available"));
         assert!(t("{{upstreams 70000}}")
             .unwrap_err()
             .contains("out of range"));
