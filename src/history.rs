@@ -375,7 +375,9 @@ pub struct HistoryFilter {
     pub container: Option<String>,
 }
 
-fn describe(before: Option<&ContainerFacts>, after: &ContainerFacts) -> String {
+/// What an `up` changed, or `None` when it changed nothing (a re-sent
+/// `up`, e.g. after a publisher restart): such lines are left out.
+fn describe(before: Option<&ContainerFacts>, after: &ContainerFacts) -> Option<String> {
     let sites = |f: &ContainerFacts| {
         f.labels
             .iter()
@@ -385,7 +387,7 @@ fn describe(before: Option<&ContainerFacts>, after: &ContainerFacts) -> String {
             .join(" ")
     };
     let Some(before) = before else {
-        return format!("up ({:?}) {}", after.state, sites(after)).to_lowercase();
+        return Some(format!("up ({:?}) {}", after.state, sites(after)).to_lowercase());
     };
     let mut changes = Vec::new();
     if before.state != after.state {
@@ -395,12 +397,27 @@ fn describe(before: Option<&ContainerFacts>, after: &ContainerFacts) -> String {
         changes.push(format!("health {:?} → {:?}", before.health, after.health).to_lowercase());
     }
     if before.ports != after.ports {
+        // `80/tcp at :8081`, bindings of one container port together;
+        // `none` when nothing is published (a stopped container).
         let ports = |f: &ContainerFacts| {
-            f.ports
-                .iter()
-                .map(|p| format!("{}→{}", p.container_port, p.host_port))
+            let mut by_port: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for p in &f.ports {
+                by_port
+                    .entry(format!("{}/{}", p.container_port, p.protocol))
+                    .or_default()
+                    .push(format!(":{}", p.host_port));
+            }
+            if by_port.is_empty() {
+                return "none".to_string();
+            }
+            by_port
+                .into_iter()
+                .map(|(port, mut hosts)| {
+                    hosts.dedup();
+                    format!("{port} at {}", hosts.join(" "))
+                })
                 .collect::<Vec<_>>()
-                .join(",")
+                .join(", ")
         };
         changes.push(format!("ports {} → {}", ports(before), ports(after)));
     }
@@ -413,11 +430,7 @@ fn describe(before: Option<&ContainerFacts>, after: &ContainerFacts) -> String {
     if before.name != after.name {
         changes.push(format!("renamed {} → {}", before.name, after.name));
     }
-    if changes.is_empty() {
-        "up (no change)".to_string()
-    } else {
-        changes.join(", ")
-    }
+    (!changes.is_empty()).then(|| changes.join(", "))
 }
 
 /// The history of what `filter` selects between `since` and `until`.
@@ -467,7 +480,10 @@ pub async fn history(
                             || old.as_ref().is_some_and(|o| declares_domain(o, d, &prefix))
                     });
                     (agent_ok && domain_ok && container_matches(&facts.id, &facts.name))
-                        .then(|| (Some(facts.name.clone()), describe(old.as_ref(), facts)))
+                        .then(|| {
+                            describe(old.as_ref(), facts).map(|c| (Some(facts.name.clone()), c))
+                        })
+                        .flatten()
                 }
                 Event::Down(down) => {
                     let old = before(&down.id);
@@ -870,6 +886,44 @@ mod erased {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(host_ports: &[u16]) -> ContainerFacts {
+        ContainerFacts {
+            agent: caddy_fleet_schema::AgentId::new("a1").unwrap(),
+            id: "c1".into(),
+            name: "web".into(),
+            host_address: "10.0.0.1".into(),
+            labels: [("caddy".to_string(), "a.test".to_string())].into(),
+            ports: host_ports
+                .iter()
+                .map(|&host_port| caddy_fleet_schema::PortBinding {
+                    container_port: 80,
+                    protocol: "tcp".into(),
+                    host_ip: "0.0.0.0".into(),
+                    host_port,
+                })
+                .collect(),
+            networks: BTreeMap::new(),
+            state: caddy_fleet_schema::ContainerState::Running,
+            health: caddy_fleet_schema::Health::None,
+            observed_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn history_omits_ups_that_change_nothing_and_shows_ports_readably() {
+        assert_eq!(describe(Some(&facts(&[8081])), &facts(&[8081])), None);
+        let mut stopped = facts(&[]);
+        stopped.state = caddy_fleet_schema::ContainerState::Exited;
+        assert_eq!(
+            describe(Some(&facts(&[8081])), &stopped).unwrap(),
+            "state running → exited, ports 80/tcp at :8081 → none"
+        );
+        assert_eq!(
+            describe(Some(&facts(&[8081])), &facts(&[8082, 8082])).unwrap(),
+            "ports 80/tcp at :8081 → 80/tcp at :8082"
+        );
+    }
 
     #[test]
     fn routes_show_refused_containers_and_where_the_answer_comes_from() {

@@ -198,7 +198,10 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
     let changes: Vec<&str> = web.iter().map(|l| l.change.as_str()).collect();
     assert_eq!(changes.len(), 5, "{web:?}");
     assert!(changes[0].starts_with("up (running)"), "{changes:?}");
-    assert_eq!(changes[2], format!("ports 80→{p2} → 80→{p1}"));
+    assert_eq!(
+        changes[2],
+        format!("ports 80/tcp at :{p2} → 80/tcp at :{p1}")
+    );
     assert!(
         changes[3].contains("no longer listed: ctr-w2"),
         "{changes:?}"
