@@ -269,6 +269,8 @@ pub struct TimedRoutes {
 pub struct RefusedRow {
     pub agent: String,
     pub container: String,
+    #[serde(default)]
+    pub container_id: String,
     /// `labels`, `policy` or `caddy`.
     pub by: String,
     pub reason: String,
@@ -350,6 +352,7 @@ pub async fn routes_at(reader: &LogReader, point: Point) -> Result<TimedRoutes, 
         .map(|r| RefusedRow {
             agent: r.agent,
             container: r.container,
+            container_id: r.container_id,
             by: r.by.as_str().to_string(),
             reason: r.reason,
         })
@@ -653,6 +656,19 @@ pub fn render_explain(domain: &str, seq: u64, entries: &[ExplainEntry]) -> Strin
     out
 }
 
+/// Marks the entries a live applier left out, with who refused them and why.
+pub fn apply_live_refusals(entries: &mut [ExplainEntry], refused: &[RefusedRow]) {
+    for entry in entries.iter_mut().filter(|e| e.left_out.is_none()) {
+        if let Some(r) = refused
+            .iter()
+            .find(|r| r.container_id == entry.container_id)
+        {
+            entry.left_out = Some(format!("refused by {}: {}", r.by, r.reason));
+            entry.upstreams.clear();
+        }
+    }
+}
+
 /// The live routes from an applier's `/status`, if one answers at `status_url`.
 pub async fn live_routes(status_url: &str) -> Option<(u64, Vec<RouteRow>, Vec<RefusedRow>)> {
     #[derive(serde::Deserialize)]
@@ -854,7 +870,15 @@ pub async fn run(
             let reader = LogReader::open(&nats, Some(settings.applier_name()), options)
                 .await
                 .map_err(fleet)?;
-            let (seq, entries) = explain_at(&reader, &domain, at).await.map_err(fleet)?;
+            let (seq, mut entries) = explain_at(&reader, &domain, at).await.map_err(fleet)?;
+            // At the live applier's present, its verdicts (Caddy's own
+            // refusals among them) are the truth.
+            let status_url = format!("http://{}", settings.status_listen);
+            if let Some((live_seq, _, refused)) = live_routes(&status_url).await {
+                if live_seq >= seq {
+                    apply_live_refusals(&mut entries, &refused);
+                }
+            }
             if json {
                 to_json(&entries)
             } else {
@@ -926,6 +950,35 @@ mod tests {
     }
 
     #[test]
+    fn explain_takes_a_live_appliers_refusals() {
+        let entry = |id: &str| ExplainEntry {
+            agent: "a1".into(),
+            container: id.into(),
+            container_id: id.into(),
+            seq: 1,
+            upstreams: vec!["10.0.0.1:80".into()],
+            left_out: None,
+        };
+        let mut entries = vec![entry("bad"), entry("good")];
+        apply_live_refusals(
+            &mut entries,
+            &[RefusedRow {
+                agent: "a1".into(),
+                container: "bad".into(),
+                container_id: "bad".into(),
+                by: "caddy".into(),
+                reason: "unrecognized directive: bogus_directive".into(),
+            }],
+        );
+        assert_eq!(
+            entries[0].left_out.as_deref(),
+            Some("refused by caddy: unrecognized directive: bogus_directive")
+        );
+        assert!(entries[0].upstreams.is_empty());
+        assert_eq!(entries[1].left_out, None);
+    }
+
+    #[test]
     fn routes_show_refused_containers_and_where_the_answer_comes_from() {
         let mut t = TimedRoutes {
             seq: 1,
@@ -934,6 +987,7 @@ mod tests {
             refused: vec![RefusedRow {
                 agent: "a1".into(),
                 container: "evil".into(),
+                container_id: "id".into(),
                 by: "policy".into(),
                 reason: "site x.test is not among the domains the policy grants this agent".into(),
             }],

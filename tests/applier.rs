@@ -355,6 +355,43 @@ async fn a_container_caddy_refuses_is_isolated_and_shown_in_status() {
             .status(),
         200
     );
+
+    // The debugging commands, with the live applier answering, say so too,
+    // with Caddy's reason.
+    let dir = std::env::temp_dir().join(format!("caddy-fleet-refuse-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, "[default]\ndomains = [\"*\"]\ntrusted = true\n").unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+            .args(args)
+            .env("NATS_URL", &nats.url)
+            .env("APPLIER_NAME", "refuse")
+            .env("CADDY_API_URL", caddy.admin_url())
+            .env("POLICY_FILE", &policy)
+            .env("STATUS_LISTEN", status_url.trim_start_matches("http://"))
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let explained = cli(&["explain", &format!("{id}.bad.test")]);
+    assert!(
+        explained.contains("refused by caddy") && explained.contains("bogus_directive"),
+        "{explained}"
+    );
+    let routes = cli(&["routes"]);
+    assert!(
+        routes.contains("REFUSED CONTAINER") && routes.contains("bogus_directive"),
+        "{routes}"
+    );
+    assert!(routes.contains("live applier"), "{routes}");
+    let _ = std::fs::remove_dir_all(&dir);
     let _ = stop_status.send(());
     publisher.stop().await;
     applier.stop().await;
