@@ -671,26 +671,13 @@ pub fn apply_live_refusals(entries: &mut [ExplainEntry], refused: &[RefusedRow])
 
 /// The live routes from an applier's `/status`, if one answers at `status_url`.
 pub async fn live_routes(status_url: &str) -> Option<(u64, Vec<RouteRow>, Vec<RefusedRow>)> {
+    /// The parts of `/status` read here, in the applier's own types.
     #[derive(serde::Deserialize)]
     struct Status {
         last_seq: u64,
-        routes: Vec<LiveRow>,
+        routes: Vec<RouteRow>,
         #[serde(default)]
         rejected: Vec<RefusedRow>,
-    }
-    #[derive(serde::Deserialize)]
-    struct LiveRow {
-        site: String,
-        upstreams: Vec<String>,
-        containers: Vec<LiveContainer>,
-    }
-    #[derive(serde::Deserialize)]
-    struct LiveContainer {
-        agent: String,
-        container: String,
-        container_id: String,
-        #[serde(default)]
-        since_seq: u64,
     }
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -705,25 +692,7 @@ pub async fn live_routes(status_url: &str) -> Option<(u64, Vec<RouteRow>, Vec<Re
         .json()
         .await
         .ok()?;
-    let rows = status
-        .routes
-        .into_iter()
-        .map(|r| RouteRow {
-            site: r.site,
-            upstreams: r.upstreams,
-            containers: r
-                .containers
-                .into_iter()
-                .map(|c| caddy_fleet_schema::routes::RouteContainer {
-                    agent: c.agent,
-                    container: c.container,
-                    container_id: c.container_id,
-                    since_seq: c.since_seq,
-                })
-                .collect(),
-        })
-        .collect();
-    Some((status.last_seq, rows, status.rejected))
+    Some((status.last_seq, status.routes, status.rejected))
 }
 
 /// One debugging command, as the binary parsed it.

@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::caddyfile::Block;
 use crate::state::RouteState;
 use crate::translate::{translate_units, TranslateOptions};
 
-/// One site of the generated config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One site of the generated config (also as `/status` serves it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteRow {
     /// The site's addresses, as written in the labels.
     pub site: String,
@@ -22,12 +22,13 @@ pub struct RouteRow {
 }
 
 /// A container behind a route.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RouteContainer {
     pub agent: String,
     pub container: String,
     pub container_id: String,
     /// Stream sequence of the message its current facts came from.
+    #[serde(default)]
     pub since_seq: u64,
 }
 
