@@ -60,7 +60,7 @@ pub async fn connect_docker() -> Result<caddy_fleet_publisher::bollard::Docker, 
 }
 
 /// How long a stopping publisher keeps sending what its outbox holds.
-const PUBLISHER_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+const PUBLISHER_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Runs a publisher that sends to NATS until `shutdown` completes.
 ///

@@ -1,6 +1,11 @@
 //! A small client for Caddy's admin API: adapt a Caddyfile, read the
 //! running `admin` block, load a whole JSON config.
+//!
+//! [`CaddyApi`] is what the applier needs of Caddy; [`CaddyAdmin`] is the
+//! real one over HTTP, and the convergence loop's unit tests drive an
+//! in-memory one.
 
+use std::future::Future;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -18,6 +23,33 @@ pub enum CaddyError {
         status: u16,
         message: String,
     },
+}
+
+/// What the applier asks of Caddy.
+pub trait CaddyApi: Send + Sync {
+    /// Adapts a Caddyfile to JSON without loading it.
+    fn adapt(&self, caddyfile: &str) -> impl Future<Output = Result<Value, CaddyError>> + Send;
+    /// The running config's `admin` block, if any.
+    fn running_admin(&self) -> impl Future<Output = Result<Option<Value>, CaddyError>> + Send;
+    /// Whether the running config holds an object with `@id` `id`.
+    fn has_id(&self, id: &str) -> impl Future<Output = Result<bool, CaddyError>> + Send;
+    /// Replaces Caddy's whole config with `config`.
+    fn load(&self, config: &Value) -> impl Future<Output = Result<(), CaddyError>> + Send;
+}
+
+impl CaddyApi for CaddyAdmin {
+    async fn adapt(&self, caddyfile: &str) -> Result<Value, CaddyError> {
+        CaddyAdmin::adapt(self, caddyfile).await
+    }
+    async fn running_admin(&self) -> Result<Option<Value>, CaddyError> {
+        CaddyAdmin::running_admin(self).await
+    }
+    async fn has_id(&self, id: &str) -> Result<bool, CaddyError> {
+        CaddyAdmin::has_id(self, id).await
+    }
+    async fn load(&self, config: &Value) -> Result<(), CaddyError> {
+        CaddyAdmin::load(self, config).await
+    }
 }
 
 /// Caddy's admin API at one address.

@@ -15,7 +15,7 @@ use caddy_fleet_schema::caddyfile::Caddyfile;
 use caddy_fleet_schema::translate::{assemble, ContainerUnit};
 use serde_json::Value;
 
-use crate::caddy::{CaddyAdmin, CaddyError};
+use crate::caddy::{CaddyAdmin, CaddyApi, CaddyError};
 
 /// A container Caddy refused, and Caddy's words.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +42,8 @@ pub enum Outcome {
 }
 
 /// The applier's view of Caddy.
-pub struct Converger {
-    caddy: CaddyAdmin,
+pub struct Converger<C = CaddyAdmin> {
+    caddy: C,
     base: Option<Caddyfile>,
     sentinel_prefix: String,
     /// The Caddyfile Caddy last accepted and its sentinel `@id`.
@@ -55,14 +55,17 @@ pub struct Converger {
     /// Untrusted containers' blocks already adapted and checked, with the
     /// verdict (a reason when refused).
     checked: BTreeMap<String, Option<String>>,
+    /// The `admin` block Caddy was running (read once, kept until Caddy is
+    /// found to have lost the config): pushes do not ask again.
+    running_admin: Option<Option<Value>>,
 }
 
 /// How many checked texts are remembered before the cache starts over.
 const CHECKED_TEXTS: usize = 20_000;
 
-impl Converger {
+impl<C: CaddyApi> Converger<C> {
     /// A converger for the Caddy at `caddy`, merging into `base`.
-    pub fn new(caddy: CaddyAdmin, base: Option<Caddyfile>, applier: &str) -> Self {
+    pub fn new(caddy: C, base: Option<Caddyfile>, applier: &str) -> Self {
         Converger {
             caddy,
             base,
@@ -71,6 +74,7 @@ impl Converger {
             accepted: BTreeSet::new(),
             refused: BTreeMap::new(),
             checked: BTreeMap::new(),
+            running_admin: None,
         }
     }
 
@@ -84,9 +88,11 @@ impl Converger {
         self.accepted.iter().map(|(id, _)| id.as_str()).collect()
     }
 
-    /// Forgets what Caddy runs, so the next convergence pushes.
+    /// Forgets what Caddy runs, so the next convergence pushes (and reads
+    /// Caddy's `admin` block again).
     pub fn invalidate(&mut self) {
         self.pushed = None;
+        self.running_admin = None;
     }
 
     /// Whether Caddy still runs the config last pushed (its sentinel is
@@ -262,7 +268,7 @@ impl Converger {
 
     /// Adapts `caddyfile`, keeps the admin endpoint, tags the config with
     /// a sentinel `@id` and loads it. Returns the sentinel.
-    async fn try_push(&self, caddyfile: &str) -> Result<String, CaddyError> {
+    async fn try_push(&mut self, caddyfile: &str) -> Result<String, CaddyError> {
         let mut json = self.caddy.adapt(caddyfile).await?;
         if !json.is_object() {
             json = Value::Object(Default::default());
@@ -270,7 +276,15 @@ impl Converger {
         // Keep Caddy's admin endpoint where it is: a config without `admin`
         // would move it back to localhost inside Caddy's container.
         if json.get("admin").is_none() {
-            if let Some(admin) = self.caddy.running_admin().await? {
+            let admin = match &self.running_admin {
+                Some(admin) => admin.clone(),
+                None => {
+                    let admin = self.caddy.running_admin().await?;
+                    self.running_admin = Some(admin.clone());
+                    admin
+                }
+            };
+            if let Some(admin) = admin {
                 json["admin"] = admin;
             }
         }

@@ -151,9 +151,7 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, ConnectError> {
     options = options
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
-        .reconnect_delay_callback(|attempt| {
-            Duration::from_millis((attempt as u64).saturating_mul(250).min(5_000))
-        })
+        .reconnect_delay_callback(|attempt| crate::retry::RetryPolicy::NATS.nth_delay(attempt))
         .event_callback(|event| async move {
             tracing::info!(%event, "NATS connection event.");
         });

@@ -11,6 +11,8 @@ use async_nats::jetstream::{
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::retry::{Retry, RetryPolicy};
+
 /// Settings of the applier's durable consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerSettings {
@@ -130,7 +132,7 @@ pub struct ConsumerPosition {
 pub struct DurableSource {
     consumer: consumer::PullConsumer,
     messages: Option<pull::Stream>,
-    backoff: Duration,
+    retry: Retry,
 }
 
 impl DurableSource {
@@ -161,7 +163,7 @@ impl DurableSource {
         Ok(DurableSource {
             consumer,
             messages: None,
-            backoff: Duration::from_millis(100),
+            retry: RetryPolicy::NATS.start(),
         })
     }
 
@@ -188,7 +190,7 @@ impl DurableSource {
                 None => match self.consumer.messages().await {
                     Ok(messages) => self.messages.insert(messages),
                     Err(error) => {
-                        tracing::warn!(%error, backoff = ?self.backoff, "Cannot open the consumer's message stream; retrying.");
+                        tracing::warn!(%error, attempts = self.retry.attempts(), "Cannot open the consumer's message stream; retrying.");
                         self.pause().await;
                         continue;
                     }
@@ -196,7 +198,7 @@ impl DurableSource {
             };
             match messages.next().await {
                 Some(Ok(message)) => {
-                    self.backoff = Duration::from_millis(100);
+                    self.retry.reset();
                     if let Some(delivery) = delivery(message, true) {
                         return delivery;
                     }
@@ -226,8 +228,7 @@ impl DurableSource {
     }
 
     async fn pause(&mut self) {
-        tokio::time::sleep(self.backoff).await;
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        self.retry.wait().await;
     }
 }
 

@@ -16,6 +16,7 @@ pub mod connect;
 pub mod consume;
 pub mod provision;
 pub mod publish;
+pub mod retry;
 pub mod stream;
 
 pub use async_nats;

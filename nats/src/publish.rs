@@ -2,10 +2,10 @@
 //! `Nats-Msg-Id` so that a retry after a lost ack is deduplicated by the
 //! stream instead of stored twice.
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use caddy_fleet_schema::{AgentId, Event};
+
+use crate::retry::RetryPolicy;
 
 /// Publishes one agent's events.
 ///
@@ -88,7 +88,7 @@ impl EventPublisher {
     pub async fn publish_with_id(&self, event: &Event, id: &str) -> Result<Stored, PublishError> {
         let subject = event.subject();
         let payload = bytes::Bytes::from(event.encode());
-        let mut backoff = Duration::from_millis(100);
+        let mut retry = RetryPolicy::NATS.start();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -108,8 +108,7 @@ impl EventPublisher {
                 }
                 Err(source) if attempt < self.max_attempts && is_transient(source.kind()) => {
                     tracing::warn!(%subject, msg_id = %id, attempt, error = %source, "Publish failed, retrying with the same message ID.");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    retry.wait().await;
                 }
                 Err(source) => {
                     return Err(PublishError {

@@ -15,9 +15,11 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use caddy_fleet_nats::retry::RetryPolicy;
 use caddy_fleet_nats::EventPublisher;
 use caddy_fleet_schema::Event;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::sink::{EventSink, SinkError};
 
@@ -133,8 +135,10 @@ impl EventSink for OutboxSink {
 }
 
 /// Drains `outbox` into NATS until `shutdown` completes, retrying each
-/// message (same ID) with capped backoff while NATS is unreachable. On
-/// shutdown it keeps draining for at most `drain_for`, then stops.
+/// message (same ID) with [`RetryPolicy::NATS`] while NATS is unreachable.
+/// On shutdown it keeps draining for at most `drain_for` and then stops,
+/// whatever a publish in flight is doing: stopping is bounded even with
+/// NATS down.
 pub async fn run_sender(
     outbox: std::sync::Arc<Outbox>,
     publisher: EventPublisher,
@@ -142,18 +146,18 @@ pub async fn run_sender(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(100);
-    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut retry = RetryPolicy::NATS.start();
+    // Set once shutdown began: sending ends then.
+    let mut stop_at: Option<Instant> = None;
+    let gave_up = |outbox: &Outbox| {
+        tracing::warn!(
+            left = outbox.len(),
+            "Publisher stopping with messages unsent; the next sync carries the truth."
+        );
+    };
     loop {
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            tracing::warn!(
-                left = outbox.len(),
-                "Publisher stopping with messages unsent; the next sync carries the truth."
-            );
-            return;
-        }
         let Some(pending) = outbox.oldest() else {
-            if deadline.is_some() {
+            if stop_at.is_some() {
                 return;
             }
             tokio::select! {
@@ -163,26 +167,50 @@ pub async fn run_sender(
                 () = &mut shutdown => return,
             }
         };
-        let attempt = publisher.publish_with_id(&pending.event, &pending.id);
+        let until = stop_at.unwrap_or_else(far_future);
         tokio::select! {
-            result = attempt => match result {
+            result = publisher.publish_with_id(&pending.event, &pending.id) => match result {
                 Ok(_) => {
                     outbox.stored(&pending);
-                    backoff = Duration::from_millis(100);
+                    retry.reset();
                 }
                 Err(error) => {
-                    tracing::warn!(subject = %pending.event.subject(), msg_id = %pending.id, %error, backoff = ?backoff,
-                        waiting = outbox.len(), "NATS unreachable; keeping the latest facts and retrying.");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let delay = retry.next_delay().unwrap_or(RetryPolicy::NATS.cap);
+                    tracing::warn!(subject = %pending.event.subject(), msg_id = %pending.id, %error,
+                        retry_in_ms = delay.as_millis() as u64, waiting = outbox.len(),
+                        "NATS unreachable; keeping the latest facts and retrying.");
+                    tokio::select! {
+                        // The pause between attempts.
+                        () = tokio::time::sleep(delay) => {}
+                        // Shutdown during the pause: start the drain clock.
+                        () = &mut shutdown, if stop_at.is_none() => {
+                            stop_at = Some(Instant::now() + drain_for);
+                        }
+                        // The drain time is up.
+                        () = tokio::time::sleep_until(until) => {
+                            gave_up(&outbox);
+                            return;
+                        }
+                    }
                 }
             },
-            // Shutdown: give the outbox a bounded time to drain.
-            () = &mut shutdown, if deadline.is_none() => {
-                deadline = Some(tokio::time::Instant::now() + drain_for);
+            // Shutdown: give the outbox a bounded time to drain (the
+            // publish in flight starts again, with the same message ID).
+            () = &mut shutdown, if stop_at.is_none() => {
+                stop_at = Some(Instant::now() + drain_for);
+            }
+            // The drain time is up, whatever the publish in flight is doing.
+            () = tokio::time::sleep_until(until), if stop_at.is_some() => {
+                gave_up(&outbox);
+                return;
             }
         }
     }
+}
+
+/// A point no shutdown waits for.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 #[cfg(test)]

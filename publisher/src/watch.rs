@@ -4,7 +4,7 @@
 //! `since=<now>` *before* listing containers, so a container that starts
 //! between the two is seen by the events, then publishes every watched
 //! container and a `sync`. When the stream fails or ends, the loop waits
-//! (capped exponential backoff) and starts a new session, which re-syncs.
+//! ([`RetryPolicy::DOCKER`](caddy_fleet_nats::retry::RetryPolicy::DOCKER)) and starts a new session, which re-syncs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -15,6 +15,8 @@ use bollard::query_parameters::{EventsOptions, ListContainersOptionsBuilder};
 use bollard::Docker;
 use caddy_fleet_schema::{AgentSync, ContainerDown, Event, Heartbeat};
 use futures::StreamExt;
+
+use caddy_fleet_nats::retry::RetryPolicy;
 
 use crate::config::PublisherConfig;
 use crate::facts::{from_inspect, is_watched};
@@ -70,22 +72,32 @@ pub async fn run<S: EventSink>(
         config,
         known: BTreeSet::new(),
     };
-    let mut backoff = Duration::from_millis(250);
+    let mut retry = RetryPolicy::DOCKER.start();
     loop {
+        let session_started = tokio::time::Instant::now();
         tokio::select! {
             // A session ends only when Docker's stream fails or ends.
             result = watcher.session(&mut sink) => {
                 result?;
-                tracing::warn!(backoff = ?backoff, "Docker event stream ended; reconnecting.");
+                // A session that lasted is a new run of failures.
+                if session_started.elapsed() > RetryPolicy::DOCKER.cap {
+                    retry.reset();
+                }
             }
             // Shutdown: stop between two steps; nothing is published.
             () = &mut shutdown => return Ok(()),
         }
+        let delay = retry.next_delay().unwrap_or(RetryPolicy::DOCKER.cap);
+        tracing::warn!(
+            retry_in_ms = delay.as_millis() as u64,
+            "Docker event stream ended; reconnecting."
+        );
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            // The pause before reconnecting.
+            () = tokio::time::sleep(delay) => {}
+            // Shutdown while paused.
             () = &mut shutdown => return Ok(()),
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 

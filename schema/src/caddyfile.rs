@@ -98,6 +98,31 @@ pub enum ParseError {
 }
 
 impl Caddyfile {
+    /// Gives every `directive` block, at any depth, the subdirective
+    /// `option value` unless it already has an `option` of its own (which
+    /// wins).
+    pub fn set_default_option(&mut self, directive: &str, option: &str, value: &str) {
+        fn visit(block: &mut Block, directive: &str, option: &str, value: &str) {
+            if block.keys.first().is_some_and(|k| k == directive)
+                && !block
+                    .children
+                    .iter()
+                    .any(|c| c.keys.first().is_some_and(|k| k == option))
+            {
+                block.children.push(Block {
+                    keys: vec![option.to_string(), value.to_string()],
+                    ..Block::default()
+                });
+            }
+            for child in &mut block.children {
+                visit(child, directive, option, value);
+            }
+        }
+        for block in &mut self.blocks {
+            visit(block, directive, option, value);
+        }
+    }
+
     /// Reads Caddyfile text into blocks. Each block's order is its position,
     /// so sorting keeps the file's order.
     pub fn parse(text: &str) -> Result<Caddyfile, ParseError> {

@@ -7,8 +7,9 @@
 //! A container whose labels cannot be translated is left out with a
 //! [`Rejected`] entry; it never affects other containers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::time::Duration;
 
 use crate::caddyfile::{proxy_matcher, Block, Caddyfile};
 use crate::event::ContainerFacts;
@@ -32,6 +33,11 @@ pub struct TranslateOptions {
     pub policy: Policy,
     /// Caddy's own addresses, never an upstream of an untrusted agent.
     pub caddy_addresses: BTreeSet<IpAddr>,
+    /// Given to every generated `reverse_proxy` that does not set its own
+    /// (`STREAM_CLOSE_DELAY`): Caddy then keeps a WebSocket or other
+    /// stream open this long after a push unloads its config, instead of
+    /// closing it at once.
+    pub stream_close_delay: Option<Duration>,
 }
 
 /// Reaching the local agent's containers on a Docker network, as
@@ -51,6 +57,7 @@ impl Default for TranslateOptions {
             local: None,
             policy: Policy::default(),
             caddy_addresses: BTreeSet::new(),
+            stream_close_delay: None,
         }
     }
 }
@@ -161,7 +168,114 @@ pub fn translate_owned(
     skip_agents: &BTreeSet<AgentId>,
     owners: &SiteOwners,
 ) -> (Vec<ContainerUnit>, Vec<Rejected>, SiteOwners) {
-    let mut candidates: Vec<(&ContainerRecord, Caddyfile, bool)> = Vec::new();
+    translate_owned_cached(
+        state,
+        options,
+        skip_agents,
+        owners,
+        &mut TranslationCache::default(),
+    )
+}
+
+/// One container translated on its own: its blocks (upstreams resolved,
+/// policy and restricted grammar checked, stream close delay given), their
+/// text, and whether its agent is trusted.
+#[derive(Debug, Clone)]
+struct Translated {
+    file: Caddyfile,
+    text: String,
+    trusted: bool,
+}
+
+/// Per-container translations kept from one render to the next, so a push
+/// translates and marshals only the containers whose facts changed.
+///
+/// An entry is keyed by agent and container ID and holds the stream sequence of the
+/// `up` its facts came from: facts at the same sequence are the same
+/// facts, so the entry is reused as long as the options are unchanged
+/// (any change of options, e.g. a policy reload, starts over).
+#[derive(Debug, Default)]
+pub struct TranslationCache {
+    options: Option<TranslateOptions>,
+    entries: HashMap<(AgentId, String), (u64, Result<Translated, (RefusedBy, String)>)>,
+    /// Containers translated (not taken from the cache) by the last render.
+    pub translated_last: usize,
+}
+
+fn translate_one(
+    facts: &ContainerFacts,
+    options: &TranslateOptions,
+) -> Result<Translated, (RefusedBy, String)> {
+    let grant = options
+        .policy
+        .grant(&facts.agent)
+        .map_err(|reason| (RefusedBy::Policy, reason))?;
+    let mut file =
+        translate_container(facts, options).map_err(|e| (RefusedBy::Labels, e.to_string()))?;
+    if !grant.trusted {
+        let own = own_upstreams(facts, grant, options);
+        restrict::check(&file, grant, &own).map_err(|reason| (RefusedBy::Policy, reason))?;
+    }
+    if let Some(delay) = options.stream_close_delay {
+        file.set_default_option("reverse_proxy", "stream_close_delay", &go_duration(delay));
+    }
+    Ok(Translated {
+        text: file.marshal(),
+        file,
+        trusted: grant.trusted,
+    })
+}
+
+/// A duration as Caddy reads it (Go's `time.ParseDuration`).
+fn go_duration(duration: Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
+    }
+}
+
+/// [`translate_owned`], reusing the translations in `cache` of containers
+/// whose facts did not change.
+pub fn translate_owned_cached(
+    state: &RouteState,
+    options: &TranslateOptions,
+    skip_agents: &BTreeSet<AgentId>,
+    owners: &SiteOwners,
+    cache: &mut TranslationCache,
+) -> (Vec<ContainerUnit>, Vec<Rejected>, SiteOwners) {
+    if cache.options.as_ref() != Some(options) {
+        cache.entries.clear();
+        cache.options = Some(options.clone());
+    }
+    let routable: Vec<&ContainerRecord> = state
+        .live_containers()
+        .filter(|r| r.facts.is_routable() && !skip_agents.contains(&r.facts.agent))
+        .collect();
+    cache.translated_last = 0;
+    for record in &routable {
+        let key = (record.facts.agent.clone(), record.facts.id.clone());
+        let fresh = cache
+            .entries
+            .get(&key)
+            .is_some_and(|(seq, _)| *seq == record.seq);
+        if !fresh {
+            cache.translated_last += 1;
+            let translated = translate_one(&record.facts, options);
+            cache.entries.insert(key, (record.seq, translated));
+        }
+    }
+    if cache.entries.len() > routable.len() {
+        let live: BTreeSet<(&AgentId, &str)> = routable
+            .iter()
+            .map(|r| (&r.facts.agent, r.facts.id.as_str()))
+            .collect();
+        cache
+            .entries
+            .retain(|(agent, id), _| live.contains(&(agent, id.as_str())));
+    }
+
+    let mut candidates: Vec<(&ContainerRecord, &Translated)> = Vec::new();
     let mut rejected = Vec::new();
     let refuse = |record: &ContainerRecord, by: RefusedBy, reason: String| Rejected {
         agent: record.facts.agent.to_string(),
@@ -170,33 +284,13 @@ pub fn translate_owned(
         by,
         reason,
     };
-    for record in state.live_containers() {
-        let facts = &record.facts;
-        if !facts.is_routable() || skip_agents.contains(&facts.agent) {
-            continue;
+    for record in routable {
+        let key = (record.facts.agent.clone(), record.facts.id.clone());
+        match cache.entries.get(&key).map(|(_, t)| t) {
+            Some(Ok(translated)) => candidates.push((record, translated)),
+            Some(Err((by, reason))) => rejected.push(refuse(record, *by, reason.clone())),
+            None => {}
         }
-        let grant = match options.policy.grant(&facts.agent) {
-            Ok(grant) => grant,
-            Err(reason) => {
-                rejected.push(refuse(record, RefusedBy::Policy, reason));
-                continue;
-            }
-        };
-        let file = match translate_container(facts, options) {
-            Ok(file) => file,
-            Err(error) => {
-                rejected.push(refuse(record, RefusedBy::Labels, error.to_string()));
-                continue;
-            }
-        };
-        if !grant.trusted {
-            let own = own_upstreams(facts, grant, options);
-            if let Err(reason) = restrict::check(&file, grant, &own) {
-                rejected.push(refuse(record, RefusedBy::Policy, reason));
-                continue;
-            }
-        }
-        candidates.push((record, file, grant.trusted));
     }
 
     // Claims: current owners first, then first come (stream order).
@@ -211,14 +305,15 @@ pub fn translate_owned(
     let mut claims: BTreeMap<String, (usize, &Block)> = BTreeMap::new();
     let mut accepted = vec![false; candidates.len()];
     'containers: for i in order {
-        let (record, file, trusted) = &candidates[i];
+        let (record, translated) = candidates[i];
+        let (file, trusted) = (&translated.file, &translated.trusted);
         for block in &file.blocks {
             for address in &block.keys {
                 let Some(&(owner, owner_block)) = claims.get(&address.to_ascii_lowercase()) else {
                     continue;
                 };
-                let (owner_record, _, owner_trusted) = &candidates[owner];
-                if !(*trusted && *owner_trusted) && shape_of(owner_block) != shape_of(block) {
+                let (owner_record, owner) = candidates[owner];
+                if !(*trusted && owner.trusted) && shape_of(owner_block) != shape_of(block) {
                     rejected.push(refuse(
                         record,
                         RefusedBy::Policy,
@@ -246,15 +341,15 @@ pub fn translate_owned(
         .collect();
 
     let mut units = Vec::new();
-    for ((record, file, trusted), accepted) in candidates.into_iter().zip(accepted) {
+    for ((record, translated), accepted) in candidates.into_iter().zip(accepted) {
         if accepted {
             units.push(ContainerUnit {
                 agent: record.facts.agent.clone(),
                 container: record.facts.name.clone(),
                 container_id: record.facts.id.clone(),
-                text: file.marshal(),
-                file,
-                trusted,
+                text: translated.text.clone(),
+                file: translated.file.clone(),
+                trusted: translated.trusted,
             });
         }
     }
@@ -731,5 +826,119 @@ mod tests {
         let mut sick = facts("a1", "sick", &[("caddy", "b.test"), PROXY], &[(80, 2)]);
         sick.health = Health::Unhealthy;
         assert!(translate(vec![stopped, sick]).caddyfile.blocks.is_empty());
+    }
+
+    #[test]
+    fn generated_proxies_get_the_stream_close_delay_unless_they_set_their_own() {
+        let options = TranslateOptions {
+            stream_close_delay: Some(Duration::from_secs(3600)),
+            ..TranslateOptions::trusting()
+        };
+        let own = ("caddy.reverse_proxy.stream_close_delay", "5m");
+        let s = state(vec![
+            facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 32768)]),
+            facts(
+                "a1",
+                "nested",
+                &[
+                    ("caddy", "b.test"),
+                    ("caddy.handle_path", "/x/*"),
+                    ("caddy.handle_path.reverse_proxy", "{{upstreams 80}}"),
+                ],
+                &[(80, 32769)],
+            ),
+            facts(
+                "a1",
+                "own",
+                &[("caddy", "c.test"), PROXY, own],
+                &[(80, 32770)],
+            ),
+        ]);
+        let (units, rejected, _) =
+            translate_owned(&s, &options, &BTreeSet::new(), &SiteOwners::new());
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let text = |name: &str| {
+            units
+                .iter()
+                .find(|u| u.container == name)
+                .map(|u| u.text.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            text("web"),
+            "a.test {\n\treverse_proxy host-a1:32768 {\n\t\tstream_close_delay 3600s\n\t}\n}\n"
+        );
+        assert!(
+            text("nested")
+                .contains("\t\treverse_proxy host-a1:32769 {\n\t\t\tstream_close_delay 3600s"),
+            "{}",
+            text("nested")
+        );
+        assert!(
+            text("own").contains("stream_close_delay 5m") && !text("own").contains("3600s"),
+            "{}",
+            text("own")
+        );
+        // Without the setting, nothing is added.
+        let (plain, _, _) = translate_owned(
+            &s,
+            &TranslateOptions::trusting(),
+            &BTreeSet::new(),
+            &SiteOwners::new(),
+        );
+        assert!(plain
+            .iter()
+            .filter(|u| u.container != "own")
+            .all(|u| !u.text.contains("stream_close_delay")));
+    }
+
+    #[test]
+    fn the_cache_translates_only_changed_containers_and_equals_a_fresh_translation() {
+        let options = granted("\"*.test\"");
+        let mut s = state(
+            (0..20)
+                .map(|i| {
+                    remote(
+                        "a1",
+                        &format!("web{i}"),
+                        &[("caddy", &format!("w{i}.test")), PROXY],
+                        9000 + i,
+                    )
+                })
+                .collect(),
+        );
+        let mut cache = TranslationCache::default();
+        let render = |s: &RouteState, cache: &mut TranslationCache| {
+            translate_owned_cached(s, &options, &BTreeSet::new(), &SiteOwners::new(), cache)
+        };
+        let first = render(&s, &mut cache);
+        assert_eq!(cache.translated_last, 20);
+        let again = render(&s, &mut cache);
+        assert_eq!(cache.translated_last, 0);
+        assert_eq!(first.0, again.0);
+        // One container changes (a newer `up`), one goes away.
+        s.apply(
+            100,
+            &Event::Up(remote("a1", "web3", &[("caddy", "w3.test"), PROXY], 9999)),
+        );
+        s.apply(
+            101,
+            &Event::Down(crate::event::ContainerDown {
+                agent: AgentId::new("a1").unwrap(),
+                id: "id-web4".into(),
+                observed_at_ms: 0,
+            }),
+        );
+        let cached = render(&s, &mut cache);
+        assert_eq!(cache.translated_last, 1);
+        let fresh = translate_owned(&s, &options, &BTreeSet::new(), &SiteOwners::new());
+        assert_eq!(cached.0, fresh.0);
+        assert_eq!(cached.1, fresh.1);
+        assert!(cached.0.iter().any(|u| u.text.contains(":9999")));
+        assert!(!cached.0.iter().any(|u| u.container == "web4"));
+        // New options start over.
+        let other = granted("\"w1.test\", \"*.test\"");
+        translate_owned_cached(&s, &other, &BTreeSet::new(), &SiteOwners::new(), &mut cache);
+        assert_eq!(cache.translated_last, 19);
     }
 }
