@@ -70,11 +70,23 @@ pub async fn run(
             tracing::warn!(%variable, "{variable} is set but no longer used: {instead} (README: \"Coming from the Python agent\").");
         }
     }
+    for (variable, given) in [
+        ("COALESCE_QUIET", settings.coalesce_quiet.is_some()),
+        ("COALESCE_MAX_DELAY", settings.coalesce_max_delay.is_some()),
+    ] {
+        if given {
+            tracing::warn!(%variable, "{variable} is deprecated and ignored: pushes start at once and batch themselves by push duration. Remove it; it will be refused in the next release.");
+        }
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let stop = Stop(stop_rx);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        }
     });
     match mode {
         Mode::Agent => {
@@ -103,13 +115,33 @@ pub async fn run(
             let board = Arc::new(StatusBoard::default());
             let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));
             let stream = settings.stream();
-            let (applied, published) = tokio::join!(
-                crate::run_applier(&applier_nats, &stream, applier, board, stop.wait()),
-                crate::run_publisher(&publisher_nats, publisher, stop.wait()),
-            );
+            let applied = crate::run_applier(&applier_nats, &stream, applier, board, stop.wait());
+            let published = crate::run_publisher(&publisher_nats, publisher, stop.wait());
+            tokio::pin!(applied, published);
+            // Either half failing for good stops the other and the process
+            // (non-zero exit): a server with a dead half must not look alive.
+            let (first, second) = tokio::select! {
+                // The applier ended: on shutdown, or failed for good.
+                result = &mut applied => {
+                    if result.is_err() {
+                        tracing::error!("The applier stopped; stopping the publisher.");
+                        let _ = stop_tx.send(true);
+                    }
+                    (result, published.await)
+                }
+                // The publisher ended: on shutdown, or failed for good.
+                result = &mut published => {
+                    if result.is_err() {
+                        tracing::error!("The publisher stopped; stopping the applier.");
+                        let _ = stop_tx.send(true);
+                    }
+                    (result, applied.await)
+                }
+            };
+            let _ = stop_tx.send(true);
             let _ = status.await;
-            applied?;
-            published?;
+            first?;
+            second?;
         }
         Mode::Standalone => {
             let agent = settings.agent();

@@ -172,15 +172,20 @@ pub struct Settings {
     #[serde(default, deserialize_with = "text::optional_duration")]
     pub agent_ttl: Option<Duration>,
 
-    /// Push to Caddy once no event arrived for this long…
-    #[arg(long, env = "COALESCE_QUIET", global = true, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration)]
-    #[serde(deserialize_with = "text::duration")]
-    pub coalesce_quiet: Duration,
+    /// Deprecated, ignored: pushes start at once and batch by push duration. Accepted (with a warning) until the next release.
+    #[arg(long, env = "COALESCE_QUIET", global = true, value_name = "DURATION", value_parser = parse_duration, hide = true)]
+    #[serde(default, deserialize_with = "text::optional_duration")]
+    pub coalesce_quiet: Option<Duration>,
 
-    /// …but at most this long after the first event of a burst.
-    #[arg(long, env = "COALESCE_MAX_DELAY", global = true, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    /// Deprecated, ignored (see COALESCE_QUIET).
+    #[arg(long, env = "COALESCE_MAX_DELAY", global = true, value_name = "DURATION", value_parser = parse_duration, hide = true)]
+    #[serde(default, deserialize_with = "text::optional_duration")]
+    pub coalesce_max_delay: Option<Duration>,
+
+    /// How long Caddy keeps a WebSocket (or other stream) through a generated reverse_proxy open after a push replaced its config; 0s closes them at every push. A label's own stream_close_delay wins.
+    #[arg(long, env = "STREAM_CLOSE_DELAY", global = true, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     #[serde(deserialize_with = "text::duration")]
-    pub coalesce_max_delay: Duration,
+    pub stream_close_delay: Duration,
 
     /// How often a publisher re-sends its full container set.
     #[arg(long, env = "SYNC_INTERVAL", global = true, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
@@ -563,8 +568,6 @@ impl Settings {
         config.translate = self.translate_options(local)?;
         config.policy_file = self.policy_file.clone();
         config.agent_ttl = self.agent_ttl;
-        config.quiet_window = self.coalesce_quiet;
-        config.max_delay = self.coalesce_max_delay;
         Ok(config)
     }
 
@@ -583,6 +586,7 @@ impl Settings {
         let mut options = TranslateOptions {
             label_prefix: self.docker_label_prefix.clone(),
             policy: policy.with_local(local.cloned()),
+            stream_close_delay: Some(self.stream_close_delay).filter(|d| !d.is_zero()),
             ..TranslateOptions::default()
         };
         if let (Some(agent), Some(network)) = (local, &self.caddy_ingress_network) {
@@ -1061,8 +1065,8 @@ mod tests {
         assert_eq!(s.caddy_api_url, "http://127.0.0.1:2019");
         assert_eq!(s.status_listen, "127.0.0.1:9180".parse().unwrap());
         assert_eq!(s.agent_ttl, None);
-        assert_eq!(s.coalesce_quiet, Duration::from_millis(200));
-        assert_eq!(s.coalesce_max_delay, Duration::from_secs(2));
+        assert_eq!(s.coalesce_quiet, None);
+        assert_eq!(s.stream_close_delay, Duration::from_secs(3600));
         assert_eq!(s.sync_interval, Duration::from_secs(300));
         assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(s.stream_max_age, Duration::from_secs(7 * 86_400));
@@ -1144,7 +1148,7 @@ mod tests {
         assert!(s.nats_tls_required);
         assert_eq!(s.stream_replicas, 5);
         assert_eq!(s.stream_max_age, Duration::from_secs(5400));
-        assert_eq!(s.coalesce_quiet, Duration::from_secs(1));
+        assert_eq!(s.coalesce_quiet, Some(Duration::from_secs(1)));
         assert_eq!(s.status_listen, "0.0.0.0:9999".parse().unwrap());
     }
 
@@ -1188,6 +1192,7 @@ status_listen = "127.0.0.1:9180"
 agent_ttl = "90s"
 coalesce_quiet = "200ms"
 coalesce_max_delay = "2s"
+stream_close_delay = "1h"
 sync_interval = "5m"
 heartbeat_interval = "10s"
 stream_max_age = "7d"
@@ -1461,7 +1466,7 @@ log_format = "json"
                 ("HOST_IP", "10.0.0.7"),
                 ("DOCKER_LABEL_PREFIX", "fleet"),
                 ("SYNC_INTERVAL", "1m"),
-                ("COALESCE_QUIET", "1s"),
+                ("STREAM_CLOSE_DELAY", "90s"),
                 ("AGENT_TTL", "2m"),
                 ("CADDY_INGRESS_NETWORK", "ingress"),
                 ("STREAM_MAX_AGE", "2d"),
@@ -1478,7 +1483,10 @@ log_format = "json"
         assert_eq!(publisher.sync_interval, Duration::from_secs(60));
         let applier = s.applier_config(Some(&agent)).unwrap();
         assert_eq!(applier.name, "web-1");
-        assert_eq!(applier.quiet_window, Duration::from_secs(1));
+        assert_eq!(
+            applier.translate.stream_close_delay,
+            Some(Duration::from_secs(90))
+        );
         assert_eq!(applier.agent_ttl, Some(Duration::from_secs(120)));
         assert_eq!(applier.translate.label_prefix, "fleet");
         assert_eq!(applier.translate.local.unwrap().network, "ingress");

@@ -31,7 +31,6 @@ async fn standalone_mode_routes_a_labeled_container_without_nats() {
     });
     let mut applier = ApplierConfig::new("solo", caddy.admin_url());
     applier.base_caddyfile = Some(caddy.base_caddyfile());
-    applier.quiet_window = Duration::from_millis(100);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(caddy_fleet::modes::run_standalone(
         publisher,

@@ -21,10 +21,6 @@ pub struct ApplierConfig {
     pub translate: TranslateOptions,
     /// The policy's file, re-read when it changes and on SIGHUP.
     pub policy_file: Option<PathBuf>,
-    /// A burst of events is pushed once no event arrived for this long…
-    pub quiet_window: Duration,
-    /// …but never later than this after the first event of the burst.
-    pub max_delay: Duration,
     /// A checkpoint is written at most this long after the first message
     /// it does not yet hold…
     pub checkpoint_interval: Duration,
@@ -48,8 +44,6 @@ impl ApplierConfig {
             base_caddyfile: None,
             translate: TranslateOptions::default(),
             policy_file: None,
-            quiet_window: Duration::from_millis(200),
-            max_delay: Duration::from_secs(2),
             checkpoint_interval: Duration::from_secs(5),
             checkpoint_every: 10_000,
             health_check_interval: Duration::from_secs(2),

@@ -11,13 +11,18 @@
 //! - [`policy`]: reading and re-reading the policy file.
 //! - [`converge`]: pushing to Caddy, the sentinel, and isolating refused containers.
 //! - [`status`]: `/healthz`, `/readyz`, `/metrics`, `/status`.
-//! - [`run`]: the consume → fold → checkpoint → ack loop, with coalesced
-//!   convergence of Caddy; [`recover`]: checkpoint + the messages after it.
+//! - [`consumption`]: the consume → fold → checkpoint → ack task, which
+//!   hands snapshots of the state to [`convergence`]: the task that pushes
+//!   the newest state to Caddy as soon as the previous push ended.
+//! - [`run`]: both tasks joined; [`recover`]: checkpoint + the messages
+//!   after it.
 
 pub mod caddy;
 pub mod checkpoint;
 pub mod config;
+pub mod consumption;
 pub mod converge;
+pub mod convergence;
 pub mod policy;
 mod reconcile;
 pub mod source;
@@ -26,6 +31,6 @@ pub mod telemetry;
 
 pub use checkpoint::{CheckpointStore, NoCheckpoints, ObjectStoreCheckpoints};
 pub use config::ApplierConfig;
-pub use reconcile::{recover, run, ApplierError};
+pub use reconcile::{recover, run, run_with_caddy, ApplierError};
 pub use status::StatusBoard;
 pub use telemetry::Stats;

@@ -21,8 +21,11 @@ pub struct StatusView {
     pub consumer_attached: bool,
     /// Caddy runs the config for the current state.
     pub converged: bool,
-    /// The last stream sequence folded.
+    /// The stream sequence of the state `routes` and `rejected` describe
+    /// (the last one pushed to Caddy, or tried).
     pub last_seq: u64,
+    /// The last stream sequence folded (consumption may be ahead of Caddy).
+    pub folded_seq: u64,
     /// Messages waiting in the consumer.
     pub consumer_lag: Option<u64>,
     /// Every agent the log knows.
@@ -160,7 +163,7 @@ impl StatusBoard {
             "caddy_fleet_last_seq",
             "gauge",
             "Stream sequence of the last message folded.",
-            view.last_seq.to_string(),
+            view.folded_seq.to_string(),
         );
         let micros = s.last_push_micros.load(Ordering::Relaxed) as f64;
         metric(

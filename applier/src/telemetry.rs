@@ -126,13 +126,26 @@ impl Stats {
         *previous = rejected;
     }
 
-    pub(crate) fn pushed(&self, took: Duration, sites: usize) {
+    /// A convergence ended well: `pushed` when a config was loaded (else
+    /// Caddy already ran it); `took` is the convergence, `latency` the time
+    /// from the oldest change it holds being folded to now.
+    pub(crate) fn converged(
+        &self,
+        pushed: bool,
+        took: Duration,
+        latency: Option<Duration>,
+        containers: usize,
+    ) {
+        if !pushed {
+            return;
+        }
         self.pushes.fetch_add(1, Ordering::Relaxed);
         self.last_push_micros
             .store(took.as_micros() as u64, Ordering::Relaxed);
         tracing::info!(
-            sites,
+            containers,
             took_ms = took.as_millis() as u64,
+            since_change_ms = latency.map(|l| l.as_millis() as u64),
             "Caddy config pushed."
         );
     }

@@ -348,7 +348,6 @@ pub fn start_applier_with(
     // The suite's agents are the test's own: trusted with everything, as
     // caddy-docker-proxy trusts labels (tests of the policy tune this).
     config.translate = caddy_fleet::schema::translate::TranslateOptions::trusting();
-    config.quiet_window = Duration::from_millis(100);
     config.health_check_interval = Duration::from_millis(500);
     config.checkpoint_interval = Duration::from_secs(1);
     tune(&mut config);

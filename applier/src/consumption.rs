@@ -1,0 +1,294 @@
+//! The consumption task: read the log, fold it, checkpoint, ack; and keep
+//! the agents' liveness. It never talks to Caddy, so nothing Caddy does
+//! (hanging, refusing, restarting, a long isolation) can delay reading,
+//! acking, checkpointing or stopping.
+//!
+//! It hands the state to the convergence task through a [`StateHandle`]:
+//! a `watch` of a change counter, bumped by every fold and every change of
+//! the set of expired agents, and a request channel on which convergence
+//! asks for a [`Snapshot`] once it is ready to push. The state is copied
+//! only then, once per push rather than once per message, and convergence
+//! always gets the newest state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use caddy_fleet_nats::Delivery;
+use caddy_fleet_schema::{AgentId, RouteState};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::checkpoint::CheckpointStore;
+use crate::reconcile::fold;
+use crate::source::LogSource;
+use crate::status::{AgentView, StatusBoard};
+use crate::telemetry::Stats;
+
+/// What convergence works from: the state at one moment, and which agents'
+/// routes are removed for being silent.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub state: RouteState,
+    /// Agents silent for longer than `AGENT_TTL`.
+    pub expired: BTreeSet<AgentId>,
+    /// When the oldest change not in an earlier snapshot was folded.
+    pub changed_since: Option<Instant>,
+}
+
+/// Convergence's side of the hand-over.
+pub struct StateHandle {
+    changes: watch::Receiver<u64>,
+    requests: mpsc::Sender<oneshot::Sender<Snapshot>>,
+}
+
+impl StateHandle {
+    /// Waits until the state changed since the last snapshot taken; `false`
+    /// once consumption has stopped.
+    pub async fn changed(&mut self) -> bool {
+        self.changes.changed().await.is_ok()
+    }
+
+    /// The newest state; `None` once consumption has stopped.
+    pub async fn snapshot(&mut self) -> Option<Snapshot> {
+        // Whatever changed up to now is in this snapshot.
+        self.changes.borrow_and_update();
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(reply).await.ok()?;
+        answer.await.ok()
+    }
+
+    /// Whether the state changed since the last snapshot taken.
+    pub fn has_changed(&self) -> bool {
+        self.changes.has_changed().unwrap_or(false)
+    }
+}
+
+/// Consumption's side of the hand-over.
+pub struct StateOwner {
+    changes: watch::Sender<u64>,
+    requests: mpsc::Receiver<oneshot::Sender<Snapshot>>,
+}
+
+/// A linked [`StateOwner`] and [`StateHandle`].
+pub fn hand_over() -> (StateOwner, StateHandle) {
+    let (changes_tx, changes_rx) = watch::channel(0);
+    let (requests_tx, requests_rx) = mpsc::channel(1);
+    (
+        StateOwner {
+            changes: changes_tx,
+            requests: requests_rx,
+        },
+        StateHandle {
+            changes: changes_rx,
+            requests: requests_tx,
+        },
+    )
+}
+
+/// How consumption behaves.
+#[derive(Debug, Clone)]
+pub struct ConsumptionConfig {
+    pub checkpoint_interval: Duration,
+    pub checkpoint_every: u64,
+    /// How often agents' liveness and the consumer's lag are looked at.
+    pub tick: Duration,
+    pub agent_ttl: Option<Duration>,
+    pub agent_stale_after: Duration,
+}
+
+/// Runs consumption until `shutdown` completes or the source ends; then
+/// writes a last checkpoint of what was folded and acks it.
+pub async fn run<S: LogSource, C: CheckpointStore>(
+    mut source: S,
+    checkpoints: C,
+    mut state: RouteState,
+    config: ConsumptionConfig,
+    mut owner: StateOwner,
+    board: Arc<StatusBoard>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let stats = &board.stats;
+    // Agents are given a full TTL from start before they can expire.
+    let mut liveness = Liveness::new(&state);
+    let mut unsaved = Unsaved {
+        saved_seq: state.last_seq,
+        ..Unsaved::default()
+    };
+    let mut changed_since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    board.update(|v| v.consumer_attached = true);
+    loop {
+        let checkpoint_due = unsaved
+            .since
+            .map(|t| t + config.checkpoint_interval)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            // A message from the log: fold it, tell convergence, and hold
+            // its ack until a checkpoint covers it.
+            delivery = source.next() => {
+                let Some(delivery) = delivery else { break };
+                if let Some(agent) = fold(&mut state, stats, delivery.seq, &delivery.subject, &delivery.payload) {
+                    liveness.heard(agent);
+                }
+                changed_since.get_or_insert_with(Instant::now);
+                owner.changes.send_modify(|n| *n += 1);
+                if delivery.seq <= unsaved.saved_seq {
+                    // A redelivery of what a checkpoint already holds.
+                    delivery.ack().await;
+                    continue;
+                }
+                unsaved.hold(delivery);
+                if unsaved.count >= config.checkpoint_every {
+                    unsaved.save(&checkpoints, &state, stats).await;
+                }
+            }
+            // Convergence is ready to push: hand it the newest state.
+            Some(reply) = owner.requests.recv() => {
+                let _ = reply.send(Snapshot {
+                    state: state.clone(),
+                    expired: liveness.expired.clone(),
+                    changed_since: changed_since.take(),
+                });
+            }
+            // Messages wait for a checkpoint: write one, then ack.
+            () = tokio::time::sleep_until(checkpoint_due), if unsaved.since.is_some() => {
+                unsaved.save(&checkpoints, &state, stats).await;
+            }
+            // Periodically: did an agent go quiet or come back, how far
+            // behind are we.
+            _ = tick.tick() => {
+                if liveness.expire(&state, config.agent_ttl, stats) {
+                    changed_since.get_or_insert_with(Instant::now);
+                    owner.changes.send_modify(|n| *n += 1);
+                }
+                let agents = liveness.views(&state, config.agent_stale_after);
+                let lag = source.lag().await;
+                board.update(|v| {
+                    v.consumer_lag = lag;
+                    v.folded_seq = state.last_seq;
+                    v.agents = agents;
+                });
+            }
+            // Shutdown: checkpoint what was folded, ack it, stop.
+            () = &mut shutdown => break,
+        }
+    }
+    if unsaved.count > 0 {
+        unsaved.save(&checkpoints, &state, stats).await;
+    }
+    board.update(|v| v.consumer_attached = false);
+}
+
+/// When each agent was last heard from, and which are expired.
+struct Liveness {
+    heard: HashMap<AgentId, Instant>,
+    expired: BTreeSet<AgentId>,
+}
+
+impl Liveness {
+    fn new(state: &RouteState) -> Self {
+        let now = Instant::now();
+        Liveness {
+            heard: state.agents.keys().map(|a| (a.clone(), now)).collect(),
+            expired: BTreeSet::new(),
+        }
+    }
+
+    fn heard(&mut self, agent: AgentId) {
+        self.heard.insert(agent, Instant::now());
+    }
+
+    /// Recomputes which agents are expired; whether that changed.
+    fn expire(&mut self, state: &RouteState, ttl: Option<Duration>, stats: &Stats) -> bool {
+        let Some(ttl) = ttl else { return false };
+        let now = Instant::now();
+        let mut expired = BTreeSet::new();
+        for agent in state.agents.keys() {
+            let last = *self.heard.entry(agent.clone()).or_insert(now);
+            if now.duration_since(last) > ttl {
+                expired.insert(agent.clone());
+            }
+        }
+        for agent in expired.difference(&self.expired) {
+            stats.agent_expired(agent.as_str(), now.duration_since(self.heard[agent]));
+        }
+        for agent in self.expired.difference(&expired) {
+            stats.agent_back(agent.as_str());
+        }
+        if expired == self.expired {
+            return false;
+        }
+        self.expired = expired;
+        true
+    }
+
+    fn views(&self, state: &RouteState, stale_after: Duration) -> Vec<AgentView> {
+        let now = Instant::now();
+        state
+            .agents
+            .iter()
+            .map(|(agent, record)| {
+                let silent = self
+                    .heard
+                    .get(agent)
+                    .map_or(Duration::ZERO, |t| now.duration_since(*t));
+                AgentView {
+                    agent: agent.to_string(),
+                    host_address: record.host_address.clone(),
+                    last_heartbeat_ms: record.last_heartbeat_ms,
+                    silent_for_secs: silent.as_secs(),
+                    stale: silent > stale_after,
+                    expired: self.expired.contains(agent),
+                    containers: record.containers.values().filter(|c| c.listed).count(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Messages folded but not yet held by a checkpoint, and the cumulative ack
+/// that will cover them once one is written.
+#[derive(Default)]
+struct Unsaved {
+    /// The sequence the newest checkpoint holds.
+    saved_seq: u64,
+    /// The last message folded; acking it acks every one before it.
+    last: Option<Delivery>,
+    /// How many messages wait.
+    count: u64,
+    /// Since when the oldest of them waits (or the last failed write).
+    since: Option<Instant>,
+}
+
+impl Unsaved {
+    fn hold(&mut self, delivery: Delivery) {
+        self.last = Some(delivery);
+        self.count += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Writes a checkpoint of `state` and acks what it holds; on failure
+    /// keeps everything and tries again one interval later.
+    async fn save(&mut self, store: &impl CheckpointStore, state: &RouteState, stats: &Stats) {
+        let started = std::time::Instant::now();
+        match store.save(state).await {
+            Ok(()) => {
+                stats.checkpointed(state.last_seq, started.elapsed());
+                self.saved_seq = state.last_seq;
+                self.count = 0;
+                self.since = None;
+                if let Some(last) = self.last.take() {
+                    last.ack().await;
+                }
+            }
+            Err(error) => {
+                stats.checkpoint_failed(&error);
+                self.since = Some(Instant::now());
+            }
+        }
+    }
+}
