@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use caddy_fleet_nats::retry::{Retry, RetryPolicy};
 use caddy_fleet_schema::routes::route_rows;
-use caddy_fleet_schema::translate::{translate_owned_cached, ContainerUnit, SiteOwners, TranslationCache};
+use caddy_fleet_schema::translate::{
+    translate_owned_cached, ContainerUnit, SiteOwners, TranslationCache,
+};
 use caddy_fleet_schema::AgentId;
 use tokio::time::Instant;
 
@@ -58,14 +60,18 @@ pub async fn run<C: CaddyApi>(
             let Some(snapshot) = handle.snapshot().await else {
                 return;
             };
-            let (units, expired) =
-                render(&snapshot, &config, &mut owners, &mut cache, stats);
+            let (units, expired) = render(&snapshot, &config, &mut owners, &mut cache, stats);
             let started = std::time::Instant::now();
             match converger.converge(&units).await {
                 Ok(outcome) => {
                     let took = started.elapsed();
                     let latency = snapshot.changed_since.map(|t| t.elapsed());
-                    stats.converged(matches!(outcome, Outcome::Pushed { .. }), took, latency, units.len());
+                    stats.converged(
+                        matches!(outcome, Outcome::Pushed { .. }),
+                        took,
+                        latency,
+                        units.len(),
+                    );
                     due = false;
                     retry_at = None;
                     retry.reset();

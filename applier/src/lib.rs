@@ -29,6 +29,9 @@ pub mod source;
 pub mod status;
 pub mod telemetry;
 
+#[cfg(test)]
+mod runtime_tests;
+
 pub use checkpoint::{CheckpointStore, NoCheckpoints, ObjectStoreCheckpoints};
 pub use config::ApplierConfig;
 pub use reconcile::{recover, run, run_with_caddy, ApplierError};

@@ -103,27 +103,14 @@ pub struct Nats {
 impl Nats {
     pub async fn start() -> Nats {
         ensure_images();
-        // Docker may hand out a host port another process holds on a busy
-        // machine ("address already in use"): that loses a race, so retry.
-        let mut attempt = 0;
-        let container = loop {
-            attempt += 1;
-            match GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
+        let container = start_retrying(
+            GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
                 .with_exposed_port(4222.tcp())
                 .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
-                .with_cmd(["-js", "-sd", "/data"])
-                .start()
-                .await
-            {
-                Ok(container) => break container,
-                Err(error) if attempt < 5 => {
-                    eprintln!(
-                        "NATS container did not start (attempt {attempt}): {error}; retrying"
-                    );
-                }
-                Err(error) => panic!("start NATS container: {error}"),
-            }
-        };
+                .with_cmd(["-js", "-sd", "/data"]),
+            "NATS",
+        )
+        .await;
         let port = container.get_host_port_ipv4(4222).await.expect("NATS port");
         Nats {
             container,
@@ -241,7 +228,32 @@ pub async fn start_backend(labels: &[(&str, String)], body: &str) -> ContainerAs
     for (k, v) in labels {
         request = request.with_label(*k, v.clone());
     }
-    request.start().await.expect("start backend container")
+    start_retrying(request, "backend").await
+}
+
+/// Starts a container whose ports Docker publishes. Docker may hand out a
+/// host port another process holds on a busy machine ("address already in
+/// use": the ephemeral range is shared with every outgoing connection), so
+/// that lost race is retried, with the project's own retry policy.
+pub async fn start_retrying(
+    request: testcontainers::ContainerRequest<GenericImage>,
+    what: &str,
+) -> ContainerAsync<GenericImage> {
+    let mut retry = caddy_fleet::nats::retry::RetryPolicy::NATS
+        .with_deadline(Duration::from_secs(30))
+        .start();
+    loop {
+        match request.clone().start().await {
+            Ok(container) => return container,
+            Err(error) => match retry.next_delay() {
+                Some(delay) if error.to_string().contains("already in use") => {
+                    eprintln!("{what} container did not start ({error}); retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                _ => panic!("start {what} container: {error}"),
+            },
+        }
+    }
 }
 
 /// A component running in-process, stopped by `stop()` or on drop.

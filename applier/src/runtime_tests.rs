@@ -1,0 +1,473 @@
+//! The applier's runtime without Docker, NATS or Caddy: the two tasks
+//! driven by an in-process log and an in-memory Caddy, on tokio's paused
+//! clock (time only moves when every task waits, so "at once" means no
+//! time at all, and waits of minutes take none).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use caddy_fleet_nats::Delivery;
+use caddy_fleet_schema::event::{ContainerState, Health, PortBinding};
+use caddy_fleet_schema::translate::TranslateOptions;
+use caddy_fleet_schema::{AgentId, ContainerDown, ContainerFacts, Event, Heartbeat, RouteState};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+
+use crate::caddy::{CaddyApi, CaddyError};
+use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::{run_with_caddy, ApplierConfig, StatusBoard};
+
+/// An in-memory Caddy: "adapts" a Caddyfile to a JSON holding its text,
+/// refuses any Caddyfile holding `bogus`, takes `load_time` per load, and
+/// can be made to hang (every call waits until released) or to be down.
+#[derive(Clone, Default)]
+struct FakeCaddy(Arc<FakeInner>);
+
+#[derive(Default)]
+struct FakeInner {
+    state: Mutex<FakeState>,
+    released: Notify,
+}
+
+#[derive(Default)]
+struct FakeState {
+    /// Every Caddyfile loaded, with the (virtual) time of the load.
+    loads: Vec<(Instant, String)>,
+    running: Option<Value>,
+    load_time: Duration,
+    hanging: bool,
+    down: bool,
+    /// Calls that failed because Caddy was down, with their times.
+    failures: Vec<Instant>,
+}
+
+impl FakeCaddy {
+    fn with_load_time(load_time: Duration) -> Self {
+        let caddy = FakeCaddy::default();
+        caddy.state().load_time = load_time;
+        caddy
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.0.state.lock().unwrap()
+    }
+
+    fn loads(&self) -> Vec<(Instant, String)> {
+        self.state().loads.clone()
+    }
+
+    fn last_loaded(&self) -> String {
+        self.state()
+            .loads
+            .last()
+            .map(|l| l.1.clone())
+            .unwrap_or_default()
+    }
+
+    async fn gate(&self) -> Result<(), CaddyError> {
+        loop {
+            let released = self.0.released.notified();
+            let (down, hanging) = {
+                let mut state = self.state();
+                if state.down {
+                    state.failures.push(Instant::now());
+                }
+                (state.down, state.hanging)
+            };
+            if down {
+                return Err(unreachable().await);
+            }
+            if !hanging {
+                return Ok(());
+            }
+            released.await;
+        }
+    }
+
+    fn release(&self) {
+        self.state().hanging = false;
+        self.0.released.notify_waiters();
+    }
+}
+
+/// A real `reqwest::Error`, made without any network.
+async fn unreachable() -> CaddyError {
+    let source = reqwest::Client::new()
+        .get("not a url")
+        .send()
+        .await
+        .unwrap_err();
+    CaddyError::Unreachable {
+        url: "fake".into(),
+        source,
+    }
+}
+
+impl CaddyApi for FakeCaddy {
+    async fn adapt(&self, caddyfile: &str) -> Result<Value, CaddyError> {
+        self.gate().await?;
+        if caddyfile.contains("bogus") {
+            return Err(CaddyError::Refused {
+                what: "the Caddyfile",
+                status: 400,
+                message: "unrecognized directive: bogus".into(),
+            });
+        }
+        Ok(json!({"apps": {}, "caddyfile": caddyfile}))
+    }
+    async fn running_admin(&self) -> Result<Option<Value>, CaddyError> {
+        self.gate().await?;
+        Ok(None)
+    }
+    async fn has_id(&self, id: &str) -> Result<bool, CaddyError> {
+        self.gate().await?;
+        Ok(self
+            .state()
+            .running
+            .as_ref()
+            .is_some_and(|r| r["admin"]["@id"] == id))
+    }
+    async fn load(&self, config: &Value) -> Result<(), CaddyError> {
+        self.gate().await?;
+        let load_time = self.state().load_time;
+        tokio::time::sleep(load_time).await;
+        let text = config["caddyfile"].as_str().unwrap_or("").to_string();
+        let mut state = self.state();
+        state.loads.push((Instant::now(), text));
+        state.running = Some(config.clone());
+        Ok(())
+    }
+}
+
+/// Checkpoints kept in memory: the sequences saved.
+#[derive(Clone, Default)]
+struct Saved(Arc<Mutex<Vec<u64>>>);
+
+impl CheckpointStore for Saved {
+    async fn load(&self) -> Result<Option<RouteState>, CheckpointError> {
+        Ok(None)
+    }
+    async fn save(&self, state: &RouteState) -> Result<(), CheckpointError> {
+        self.0.lock().unwrap().push(state.last_seq);
+        Ok(())
+    }
+}
+
+fn agent(name: &str) -> AgentId {
+    AgentId::new(name).unwrap()
+}
+
+fn up(agent_name: &str, name: &str, port: u16) -> Event {
+    Event::Up(ContainerFacts {
+        agent: agent(agent_name),
+        id: format!("id-{name}"),
+        name: name.to_string(),
+        host_address: "10.0.0.1".into(),
+        labels: BTreeMap::from([
+            ("caddy".to_string(), format!("http://{name}.test")),
+            (
+                "caddy.reverse_proxy".to_string(),
+                "{{upstreams 80}}".to_string(),
+            ),
+        ]),
+        ports: vec![PortBinding {
+            container_port: 80,
+            protocol: "tcp".into(),
+            host_ip: "0.0.0.0".into(),
+            host_port: port,
+        }],
+        networks: BTreeMap::new(),
+        state: ContainerState::Running,
+        health: Health::None,
+        observed_at_ms: 0,
+    })
+}
+
+fn bogus(agent_name: &str, name: &str, port: u16) -> Event {
+    let Event::Up(mut facts) = up(agent_name, name, port) else {
+        unreachable!()
+    };
+    facts.labels.insert("caddy.bogus".into(), "yes".into());
+    Event::Up(facts)
+}
+
+/// A running applier over a channel log.
+struct Applier {
+    log: mpsc::Sender<Delivery>,
+    seq: u64,
+    board: Arc<StatusBoard>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Applier {
+    fn start(caddy: &FakeCaddy, checkpoints: Saved, tune: impl FnOnce(&mut ApplierConfig)) -> Self {
+        let mut config = ApplierConfig::new("test", "http://fake");
+        config.translate = TranslateOptions::trusting();
+        config.health_check_interval = Duration::from_secs(2);
+        config.checkpoint_interval = Duration::from_secs(1);
+        tune(&mut config);
+        let (log, source) = mpsc::channel(1024);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let board = Arc::new(StatusBoard::default());
+        let task_board = board.clone();
+        let caddy = caddy.clone();
+        let task = tokio::spawn(async move {
+            let _ = run_with_caddy(
+                source,
+                checkpoints,
+                RouteState::default(),
+                config,
+                caddy,
+                board,
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+        });
+        Applier {
+            log,
+            seq: 0,
+            board: task_board,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn send(&mut self, event: &Event) {
+        self.seq += 1;
+        let delivery = Delivery::detached(self.seq, event.subject(), event.encode());
+        self.log.send(delivery).await.unwrap();
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.unwrap();
+    }
+}
+
+/// Lets every task run until all of them wait (on the paused clock, no
+/// time passes unless a timer is the only thing left).
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits (on the paused clock) until `check` holds, at most `within`.
+async fn until(within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_change_after_a_quiet_period_is_pushed_at_once() {
+    let caddy = FakeCaddy::default();
+    let mut applier = Applier::start(&caddy, Saved::default(), |_| {});
+    // The first (empty) push re-asserts the state at start.
+    until(Duration::from_secs(1), || caddy.loads().len() == 1).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let sent = Instant::now();
+    applier.send(&up("a1", "web", 8080)).await;
+    until(Duration::from_secs(1), || caddy.loads().len() == 2).await;
+    let (loaded_at, text) = caddy.loads()[1].clone();
+    // No window is waited: the push happens without the clock moving.
+    assert_eq!(loaded_at - sent, Duration::ZERO, "waited before pushing");
+    assert!(text.contains("web.test"), "{text}");
+    applier.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn changes_during_a_push_go_out_together_in_the_next_one() {
+    let caddy = FakeCaddy::with_load_time(Duration::from_millis(100));
+    let mut applier = Applier::start(&caddy, Saved::default(), |_| {});
+    until(Duration::from_secs(1), || caddy.loads().len() == 1).await;
+    applier.send(&up("a1", "c0", 9000)).await;
+    // While the push of c0 is in flight, 20 more containers come.
+    for i in 1..=20 {
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        applier.send(&up("a1", &format!("c{i}"), 9000 + i)).await;
+    }
+    until(Duration::from_secs(2), || {
+        caddy.last_loaded().contains("c20.test")
+    })
+    .await;
+    settle().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loads = caddy.loads();
+    // The first push carried c0 only; the second every container that came
+    // meanwhile; nothing more.
+    assert_eq!(
+        loads.len(),
+        3,
+        "{:#?}",
+        loads.iter().map(|l| &l.1).collect::<Vec<_>>()
+    );
+    assert!(loads[1].1.contains("c0.test") && !loads[1].1.contains("c1.test"));
+    assert!((0..=20).all(|i| loads[2].1.contains(&format!("c{i}.test"))));
+    // The second push started as soon as the first ended.
+    assert_eq!(loads[2].0 - loads[1].0, Duration::from_millis(100));
+    applier.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_caddy_stops_neither_consumption_nor_checkpoints_nor_shutdown() {
+    let caddy = FakeCaddy::default();
+    let saved = Saved::default();
+    let mut applier = Applier::start(&caddy, saved.clone(), |_| {});
+    until(Duration::from_secs(1), || caddy.loads().len() == 1).await;
+    caddy.state().hanging = true;
+    for i in 0..50 {
+        applier.send(&up("a1", &format!("h{i}"), 9100 + i)).await;
+    }
+    // Consumption folds, checkpoints (hence acks) everything while Caddy hangs.
+    until(Duration::from_secs(10), || {
+        saved.0.lock().unwrap().last() == Some(&50)
+    })
+    .await;
+    assert_eq!(applier.board.stats.snapshot().events_folded, 50);
+    assert_eq!(caddy.loads().len(), 1);
+    // Caddy answers again: the newest state is pushed.
+    caddy.release();
+    until(Duration::from_secs(10), || {
+        caddy.last_loaded().contains("h49.test")
+    })
+    .await;
+    // And shutdown is immediate even with Caddy hanging again.
+    caddy.state().hanging = true;
+    applier.send(&up("a1", "late", 9999)).await;
+    until(Duration::from_secs(1), || {
+        applier.board.stats.snapshot().events_folded == 51
+    })
+    .await;
+    let stopping = Instant::now();
+    applier.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(1));
+    assert_eq!(saved.0.lock().unwrap().last(), Some(&51));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caddy_that_is_down_is_retried_with_growing_jittered_delays() {
+    let caddy = FakeCaddy::default();
+    caddy.state().down = true;
+    let mut applier = Applier::start(&caddy, Saved::default(), |_| {});
+    applier.send(&up("a1", "web", 8080)).await;
+    until(Duration::from_secs(120), || {
+        caddy.state().failures.len() >= 8
+    })
+    .await;
+    let failures = caddy.state().failures.clone();
+    let gaps: Vec<Duration> = failures.windows(2).map(|w| w[1] - w[0]).collect();
+    // From about 250 ms, growing, never above the 10 s cap.
+    assert!(
+        gaps[0] >= Duration::from_millis(200) && gaps[0] <= Duration::from_millis(600),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_secs(11)),
+        "{gaps:?}"
+    );
+    assert!(gaps.last() > gaps.first(), "{gaps:?}");
+    assert!(!applier.board.view().converged);
+    caddy.state().down = false;
+    until(Duration::from_secs(20), || {
+        caddy.last_loaded().contains("web.test")
+    })
+    .await;
+    until(Duration::from_secs(5), || applier.board.view().converged).await;
+    applier.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_container_caddy_refuses_is_isolated_and_the_rest_served() {
+    let caddy = FakeCaddy::default();
+    let mut applier = Applier::start(&caddy, Saved::default(), |_| {});
+    for i in 0..6 {
+        applier.send(&up("a1", &format!("ok{i}"), 9200 + i)).await;
+    }
+    applier.send(&bogus("a1", "bad", 9300)).await;
+    until(Duration::from_secs(5), || {
+        let text = caddy.last_loaded();
+        (0..6).all(|i| text.contains(&format!("ok{i}.test")))
+    })
+    .await;
+    until(Duration::from_secs(5), || {
+        !applier.board.view().rejected.is_empty()
+    })
+    .await;
+    assert!(!caddy.last_loaded().contains("bad.test"));
+    let rejected = applier.board.view().rejected;
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].by, "caddy");
+    assert_eq!(rejected[0].container.container, "bad");
+    assert!(rejected[0].reason.contains("bogus"));
+    applier.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_agent_expires_after_the_ttl_and_comes_back_when_heard() {
+    let caddy = FakeCaddy::default();
+    let mut applier = Applier::start(&caddy, Saved::default(), |c| {
+        c.agent_ttl = Some(Duration::from_secs(30));
+    });
+    applier.send(&up("quiet", "q", 8080)).await;
+    applier.send(&up("chatty", "c", 8081)).await;
+    until(Duration::from_secs(1), || {
+        caddy.last_loaded().contains("q.test")
+    })
+    .await;
+    // Only "chatty" keeps talking.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        applier
+            .send(&Event::Heartbeat(Heartbeat {
+                agent: agent("chatty"),
+                sent_at_ms: 0,
+            }))
+            .await;
+    }
+    until(Duration::from_secs(5), || {
+        !caddy.last_loaded().contains("q.test")
+    })
+    .await;
+    assert!(caddy.last_loaded().contains("c.test"));
+    let quiet = applier
+        .board
+        .view()
+        .agents
+        .into_iter()
+        .find(|a| a.agent == "quiet")
+        .unwrap();
+    assert!(quiet.expired);
+    applier
+        .send(&Event::Heartbeat(Heartbeat {
+            agent: agent("quiet"),
+            sent_at_ms: 0,
+        }))
+        .await;
+    until(Duration::from_secs(5), || {
+        caddy.last_loaded().contains("q.test")
+    })
+    .await;
+    // A removed container is gone at once, too.
+    applier
+        .send(&Event::Down(ContainerDown {
+            agent: agent("chatty"),
+            id: "id-c".into(),
+            observed_at_ms: 0,
+        }))
+        .await;
+    until(Duration::from_secs(1), || {
+        !caddy.last_loaded().contains("c.test")
+    })
+    .await;
+    applier.stop().await;
+}
