@@ -12,7 +12,7 @@ use caddy_fleet_nats::Delivery;
 use caddy_fleet_schema::caddyfile::{Caddyfile, ParseError};
 use caddy_fleet_schema::routes::route_rows;
 use caddy_fleet_schema::translate::{translate_owned, SiteOwners};
-use caddy_fleet_schema::{AgentId, Event, RouteState};
+use caddy_fleet_schema::{AgentId, RouteState};
 use tokio::time::Instant;
 
 use crate::caddy::CaddyAdmin;
@@ -46,14 +46,12 @@ fn fold(
     subject: &str,
     payload: &[u8],
 ) -> Option<AgentId> {
-    match Event::decode_from(subject, payload) {
-        Ok(event) => {
-            state.apply(seq, &event);
+    match state.fold_message(seq, subject, payload) {
+        Ok(agent) => {
             stats.folded();
-            Some(event.agent().clone())
+            Some(agent)
         }
         Err(error) => {
-            state.skip(seq);
             stats.decode_failed(seq, subject, &error);
             None
         }

@@ -138,6 +138,22 @@ impl Nats {
         }
     }
 
+    /// Where the debugging commands look on this NATS: the default log and
+    /// checkpoint bucket, `applier`'s checkpoints, no live applier, labels
+    /// read trusting every agent.
+    pub fn inspect_config(&self, applier: Option<&str>) -> caddy_fleet::inspect::InspectConfig {
+        caddy_fleet::inspect::InspectConfig {
+            nats: self.config(),
+            stream: StreamSettings::default().name,
+            checkpoint_bucket: caddy_fleet::applier::checkpoint::BUCKET.to_string(),
+            applier_name: applier.map(str::to_string),
+            status_url: "http://127.0.0.1:1".to_string(),
+            translate: caddy_fleet::schema::translate::TranslateOptions::trusting(),
+            base_caddyfile: None,
+            caddy_api_url: "http://127.0.0.1:1".to_string(),
+        }
+    }
+
     pub async fn client(&self) -> caddy_fleet::nats::async_nats::Client {
         caddy_fleet::nats::connect(&self.config())
             .await
