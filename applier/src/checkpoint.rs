@@ -88,8 +88,10 @@ pub fn decode(bytes: &[u8]) -> Option<RouteState> {
 /// The bucket every applier shares, unless told otherwise.
 pub const BUCKET: &str = "CADDY_FLEET_CHECKPOINTS";
 
-/// A snapshot is kept at least every this many stream sequences…
-pub const SNAPSHOT_EVERY_MESSAGES: u64 = 100_000;
+/// A snapshot is kept at least every this many stream sequences (so a
+/// point is at most this many messages from one: about half a second of
+/// folding on a small machine)…
+pub const SNAPSHOT_EVERY_MESSAGES: u64 = 50_000;
 /// …and at least this often while messages come in.
 pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(3600);
 
@@ -301,9 +303,14 @@ impl ObjectStoreCheckpoints {
     ) -> Result<Option<RouteState>, CheckpointError> {
         let marks = self.snapshots().await?;
         match nearest_at_or_before(marks.iter().map(|m| m.seq), seq) {
-            Some(found) => self.read(&snapshot_name(&self.applier, found)).await,
+            Some(found) => self.snapshot(found).await,
             None => Ok(None),
         }
+    }
+
+    /// The snapshot holding the log up to `seq`, if there is a readable one.
+    pub async fn snapshot(&self, seq: u64) -> Result<Option<RouteState>, CheckpointError> {
+        self.read(&snapshot_name(&self.applier, seq)).await
     }
 
     /// The object `name`, decoded; `None` when it is missing or unusable.

@@ -5,7 +5,9 @@
 
 use std::io::IsTerminal;
 
-use caddy_fleet_applier::checkpoint::{CheckpointStore, ObjectStoreCheckpoints};
+use caddy_fleet_applier::checkpoint::{
+    nearest_at_or_before, CheckpointStore, ObjectStoreCheckpoints,
+};
 use caddy_fleet_nats::async_nats::jetstream::{self, stream::Stream};
 use caddy_fleet_nats::consume::{first_seq_at_or_after, replay};
 use caddy_fleet_schema::subject::SUBJECT_ROOT;
@@ -159,13 +161,24 @@ impl LogReader {
         let Some(store) = &self.checkpoints else {
             return (RouteState::default(), FoldStart::Empty);
         };
-        let checkpoint = store.load().await.ok().flatten();
-        // The checkpoint is the newest state: at or before `seq`, no
-        // snapshot is nearer.
+        let snapshots: Vec<u64> = match store.snapshots().await {
+            Ok(marks) => marks.iter().map(|m| m.seq).collect(),
+            Err(_) => Vec::new(),
+        };
+        // The checkpoint is at least as new as every snapshot (each is a
+        // copy of one): with a snapshot after `seq`, it is too, and is not
+        // read; at or before `seq`, no snapshot is nearer.
+        let checkpoint = match snapshots.iter().any(|&s| s > seq) {
+            true => None,
+            false => store.load().await.ok().flatten(),
+        };
         if checkpoint.as_ref().is_some_and(|c| c.last_seq <= seq) {
             return choose_start(checkpoint, None, seq);
         }
-        let snapshot = store.nearest_at_or_before(seq).await.ok().flatten();
+        let snapshot = match nearest_at_or_before(snapshots, seq) {
+            Some(at) => store.snapshot(at).await.ok().flatten(),
+            None => None,
+        };
         choose_start(checkpoint, snapshot, seq)
     }
 
