@@ -1,5 +1,6 @@
 //! Replay benchmark: folding a stream of 1,000,000 messages on real NATS
-//! (file storage), with and without a checkpoint near its end.
+//! (file storage) from the start, then `explain --at` and `replay --at`
+//! at points spread over it, answered from the applier's snapshots.
 //!
 //! Run: `cargo bench --bench replay` (needs Docker; prints figures).
 
@@ -8,12 +9,11 @@ mod support;
 
 use std::time::Instant;
 
-use caddy_fleet::applier::{CheckpointStore, ObjectStoreCheckpoints};
-use caddy_fleet::history::LogReader;
+use caddy_fleet::applier::{ApplierConfig, CheckpointStore, ObjectStoreCheckpoints};
+use caddy_fleet::inspect::{explain_at, run, Inspect, LogReader, Point, ReplayFormat};
 use caddy_fleet::nats::async_nats::jetstream;
 use caddy_fleet::nats::{ensure_stream, StreamSettings};
-use caddy_fleet::schema::translate::TranslateOptions;
-use caddy_fleet::schema::{ContainerState, Event};
+use caddy_fleet::schema::{ContainerState, Event, RouteState};
 use support::*;
 
 const CONTAINERS: usize = 10_000;
@@ -58,42 +58,78 @@ async fn bench() {
         started.elapsed().as_secs_f64()
     );
 
-    let reader = LogReader::open(
-        &nats.config(),
-        Some("bench".into()),
-        TranslateOptions::trusting(),
-    )
-    .await
-    .unwrap();
+    // A full fold from the start, as a point query had to before snapshots.
+    let from_start = LogReader::open(&nats.inspect_config(None)).await.unwrap();
     let started = Instant::now();
-    let state = reader.fold_to(last, false, |_, _, _, _| {}).await.unwrap();
-    let full = started.elapsed().as_secs_f64();
-    assert_eq!(state.last_seq, last);
-    assert_eq!(state.live_containers().count(), CONTAINERS);
+    let full = from_start.state_at_seq(last).await.unwrap();
+    let full_secs = started.elapsed().as_secs_f64();
+    assert_eq!(full.fold.folded, last);
+    assert_eq!(full.state.live_containers().count(), CONTAINERS);
 
-    // A checkpoint 10,000 messages before the end, then replay to the end.
-    let checkpoint_at = last - 10_000;
-    let partial = reader
-        .fold_to(checkpoint_at, false, |_, _, _, _| {})
-        .await
-        .unwrap();
-    ObjectStoreCheckpoints::open(&js, "bench")
-        .await
-        .unwrap()
-        .save(&partial)
-        .await
-        .unwrap();
+    // The applier's store, fed as the applier feeds it: a checkpoint every
+    // 10,000 messages (its default), kept as a snapshot at each crossing of
+    // a multiple of SNAPSHOT_EVERY_MESSAGES.
+    let store = ObjectStoreCheckpoints::open(&js, "bench").await.unwrap();
+    let every = ApplierConfig::new("bench", "").checkpoint_every;
+    let mut state = RouteState::default();
     let started = Instant::now();
-    let resumed = reader.fold_to(last, true, |_, _, _, _| {}).await.unwrap();
-    let with_checkpoint = started.elapsed().as_secs_f64();
-    assert_eq!(resumed, state, "checkpoint + tail must equal the full fold");
+    let mut at = 0;
+    while at < last {
+        at = (at + every).min(last);
+        from_start
+            .fold_into(&mut state, at, |_, _, _, _| {})
+            .await
+            .unwrap();
+        store.save(&state).await.unwrap();
+    }
+    let snapshots = store.snapshots().await.unwrap().len();
+    println!(
+        "fed the store {} checkpoints ({snapshots} snapshots kept) in {:.1} s",
+        last.div_ceil(every),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        state, full.state,
+        "checkpoints + tails must equal the full fold"
+    );
 
     println!("replay benchmark (NATS 2.15.1 file storage, release build)");
     println!(
-        "  full replay of {last} messages without a checkpoint: {full:.2} s ({:.0} events/s)",
-        last as f64 / full
+        "  full fold of {last} messages from the start: {full_secs:.2} s ({:.0} events/s)",
+        last as f64 / full_secs
     );
-    println!("  with a checkpoint at {checkpoint_at} (10,000 messages before the end): {with_checkpoint:.2} s");
+    let reader = LogReader::open(&nats.inspect_config(Some("bench")))
+        .await
+        .unwrap();
+    let domain = |seq: u64| format!("r{}.replay.test", seq % CONTAINERS as u64);
+    // Just before a snapshot is the worst case: the longest tail.
+    for percent in [10u64, 50, 90, 100] {
+        let seq = match percent {
+            100 => last,
+            _ => last * percent / 100 - 1,
+        };
+        let point = Point::Seq(seq);
+        let started = Instant::now();
+        let why = explain_at(&reader, &domain(seq), point).await.unwrap();
+        let explain_secs = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let text = run(
+            Inspect::Replay {
+                at: point,
+                format: ReplayFormat::Caddyfile,
+            },
+            &nats.inspect_config(Some("bench")),
+            false,
+        )
+        .await
+        .unwrap();
+        let replay_secs = started.elapsed().as_secs_f64();
+        assert!(text.contains("replay.test"));
+        println!(
+            "  at {percent:>3} % (seq {seq}): explain --at {explain_secs:.2} s, replay --at --format caddyfile {replay_secs:.2} s (from {:?}, {} messages folded)",
+            why.fold.start, why.fold.folded
+        );
+    }
 }
 
 fn main() {

@@ -9,7 +9,10 @@
 //! - [`settings`]: every setting, layered and validated.
 //! - [`modes`]: standalone, server, agent and applier, built from settings.
 //! - [`agent_admin`]: `agent add|revoke`, one command per host added or removed.
-//! - [`history`]: the read-only debugging commands over the log.
+//!
+//! The read-only debugging commands are their own crate,
+//! `caddy-fleet-inspect` (re-exported as [`inspect`]); the binary runs
+//! them with [`settings::Settings::inspect_config`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,11 +27,11 @@ use caddy_fleet_publisher::outbox::{run_sender, Outbox, OutboxSink};
 use caddy_fleet_publisher::PublisherConfig;
 
 pub mod agent_admin;
-pub mod history;
 pub mod modes;
 pub mod settings;
 
 pub use caddy_fleet_applier as applier;
+pub use caddy_fleet_inspect as inspect;
 pub use caddy_fleet_nats as nats;
 pub use caddy_fleet_publisher as publisher;
 pub use caddy_fleet_schema as schema;
@@ -144,7 +147,8 @@ pub async fn run_applier(
     );
     let checkpoints = ObjectStoreCheckpoints::open(&js, &config.name)
         .await
-        .map_err(caddy_fleet_applier::ApplierError::from)?;
+        .map_err(caddy_fleet_applier::ApplierError::from)?
+        .retained_by(stream.clone());
     let mut settings = ConsumerSettings::new(&config.name);
     settings.max_ack_pending = settings
         .max_ack_pending

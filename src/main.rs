@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::anyhow;
-use caddy_fleet::history::{HistoryFilter, Inspect, ReplayFormat};
+use caddy_fleet::inspect::{Inspect, ReplayFormat};
+use caddy_fleet::schema::history::HistoryFilter;
 use caddy_fleet::settings::{LogFormat, Mode, Settings, SettingsError};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
@@ -135,7 +136,7 @@ fn agent_admin(admin: AgentAdmin, settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// A point in the log: RFC 3339 time, stream sequence, a duration back from now (2h), or `now`.
-type PointArg = caddy_fleet::history::Point;
+type PointArg = caddy_fleet::inspect::Point;
 
 #[derive(Args)]
 struct JsonArg {
@@ -256,9 +257,10 @@ async fn labels(args: LabelsArgs, settings: &Settings) -> anyhow::Result<()> {
 
 /// Runs a read-only debugging command and prints its answer.
 async fn inspect(command: Inspect, json: bool, settings: &Settings) -> anyhow::Result<()> {
+    let config = settings.inspect_config()?;
     print!(
         "{}",
-        caddy_fleet::history::run(command, settings, json).await?
+        caddy_fleet::inspect::run(command, &config, json).await?
     );
     Ok(())
 }

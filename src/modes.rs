@@ -30,8 +30,6 @@ pub enum ModeError {
         addr: String,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    History(#[from] crate::history::HistoryError),
 }
 
 /// Fans one shutdown signal out to every component.

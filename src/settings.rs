@@ -32,6 +32,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use caddy_fleet_applier::ApplierConfig;
+use caddy_fleet_inspect::InspectConfig;
 use caddy_fleet_nats::{NatsAuth, NatsConfig, NatsTls, StreamSettings};
 use caddy_fleet_publisher::config::InvalidFilterLabel;
 use caddy_fleet_publisher::{FilterLabel, PublisherConfig};
@@ -515,6 +516,22 @@ impl Settings {
         self.applier_name
             .clone()
             .unwrap_or_else(|| self.agent().to_string())
+    }
+
+    /// Where the debugging commands look (the log, the applier's
+    /// checkpoints and `/status`) and how they translate, as the applier
+    /// would: the agent next to Caddy is this host's.
+    pub fn inspect_config(&self) -> Result<InspectConfig, SettingsError> {
+        Ok(InspectConfig {
+            nats: self.nats_config("caddy-fleet-inspect".into())?,
+            stream: self.stream().name,
+            checkpoint_bucket: caddy_fleet_applier::checkpoint::BUCKET.to_string(),
+            applier_name: Some(self.applier_name()),
+            status_url: format!("http://{}", self.status_listen),
+            translate: self.translate_options(Some(&self.agent()))?,
+            base_caddyfile: self.caddy_base_caddyfile.clone(),
+            caddy_api_url: self.caddy_api_url.clone(),
+        })
     }
 
     /// The stream settings the applier creates the log with.

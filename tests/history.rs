@@ -8,12 +8,10 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use caddy_fleet::history::{
-    diff_between, explain_at, history, routes_at, HistoryFilter, LogReader, Point,
-};
+use caddy_fleet::inspect::{diff_between, explain_at, history, routes_at, LogReader, Point};
 use caddy_fleet::nats::async_nats::jetstream;
 use caddy_fleet::nats::{ensure_agent_stream, ensure_stream, EventPublisher, StreamSettings};
-use caddy_fleet::schema::translate::TranslateOptions;
+use caddy_fleet::schema::history::HistoryFilter;
 use caddy_fleet::schema::{AgentId, AgentSync, ContainerDown, ContainerState, Event, Heartbeat};
 use support::*;
 
@@ -126,13 +124,9 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
         }))
         .await;
 
-    let reader = LogReader::open(
-        &nats.config(),
-        Some("live".into()),
-        TranslateOptions::trusting(),
-    )
-    .await
-    .unwrap();
+    let reader = LogReader::open(&nats.inspect_config(Some("live")))
+        .await
+        .unwrap();
     let up1 = format!("127.0.0.1:{p1}");
     let up2 = format!("127.0.0.1:{p2}");
     // Routes at A, B (before the checkpoint's end) and C (after it).
@@ -167,9 +161,10 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
     assert_eq!(sites(&at_c.routes), sites(&at_b.routes));
 
     // Diff A → B.
-    let (_, _, d) = diff_between(&reader, Point::Seq(a), Point::Seq(b))
+    let d = diff_between(&reader, Point::Seq(a), Point::Seq(b))
         .await
-        .unwrap();
+        .unwrap()
+        .diff;
     assert_eq!(
         d.added.iter().map(|r| r.site.as_str()).collect::<Vec<_>>(),
         ["http://shop.test"]
@@ -225,17 +220,19 @@ async fn the_debugging_commands_answer_from_the_log_and_touch_nothing() {
     assert!(a2.iter().all(|l| l.time.is_some()));
 
     // Explain a site with one container left out.
-    let (_, why) = explain_at(&reader, "api.test", Point::Seq(b))
+    let why = explain_at(&reader, "api.test", Point::Seq(b))
         .await
-        .unwrap();
+        .unwrap()
+        .entries;
     assert_eq!(why.len(), 1);
     assert!(
         why[0].left_out.as_deref().unwrap().contains("exited"),
         "{why:?}"
     );
-    let (_, why) = explain_at(&reader, "web.test", Point::Seq(a))
+    let why = explain_at(&reader, "web.test", Point::Seq(a))
         .await
-        .unwrap();
+        .unwrap()
+        .entries;
     assert!(why.iter().all(|e| e.left_out.is_none()) && why.len() == 2);
     assert!(explain_at(&reader, "nowhere.test", Point::Seq(c))
         .await
@@ -372,9 +369,7 @@ async fn points_before_the_retained_history_and_an_unreachable_nats_are_clear_er
     let kept = log
         .send(up("a1", "new", "new.test", 2, ContainerState::Running))
         .await;
-    let reader = LogReader::open(&nats.config(), None, TranslateOptions::trusting())
-        .await
-        .unwrap();
+    let reader = LogReader::open(&nats.inspect_config(None)).await.unwrap();
     let err = routes_at(&reader, Point::Seq(kept - 2))
         .await
         .unwrap_err()
@@ -410,4 +405,95 @@ async fn points_before_the_retained_history_and_an_unreachable_nats_are_clear_er
         )),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_is_answered_from_the_nearest_snapshot_and_the_tail_after_it() {
+    use caddy_fleet::applier::checkpoint::{SnapshotSchedule, BUCKET};
+    use caddy_fleet::applier::{CheckpointStore, ObjectStoreCheckpoints};
+    use caddy_fleet::inspect::FoldStart;
+
+    let nats = Nats::start().await;
+    let js = jetstream::new(nats.client().await);
+    let stream = ensure_stream(&js, &StreamSettings::default())
+        .await
+        .unwrap();
+    let mut log = Log {
+        js: js.clone(),
+        stream,
+        publishers: BTreeMap::new(),
+    };
+    let mut seqs = Vec::new();
+    for i in 0..30u16 {
+        let id = format!("c{}", i % 4);
+        let running = i % 3 != 0;
+        let state = match running {
+            true => ContainerState::Running,
+            false => ContainerState::Exited,
+        };
+        seqs.push(log.send(up("a1", &id, "snap.test", 8000 + i, state)).await);
+    }
+    // The applier's store, as it checkpoints at three points: a snapshot
+    // at the first, and at each crossing of a multiple of 10.
+    let from_start = LogReader::open(&nats.inspect_config(None)).await.unwrap();
+    let store = ObjectStoreCheckpoints::open(&js, "snap")
+        .await
+        .unwrap()
+        .with_schedule(SnapshotSchedule {
+            every_messages: 10,
+            every: Duration::from_secs(3600),
+        });
+    for at in [seqs[4], seqs[11], seqs[24]] {
+        let state = from_start.state_at_seq(at).await.unwrap().state;
+        store.save(&state).await.unwrap();
+    }
+    let kept: Vec<u64> = store
+        .snapshots()
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(kept, [seqs[4], seqs[11], seqs[24]]);
+    assert_eq!(
+        ObjectStoreCheckpoints::open_existing(&js, BUCKET, "snap")
+            .await
+            .unwrap()
+            .nearest_at_or_before(seqs[20])
+            .await
+            .unwrap()
+            .map(|s| s.last_seq),
+        Some(seqs[11])
+    );
+
+    let reader = LogReader::open(&nats.inspect_config(Some("snap")))
+        .await
+        .unwrap();
+    // Between snapshots: the one before, then only the tail after it.
+    let point = Point::Seq(seqs[17]);
+    let answer = explain_at(&reader, "snap.test", point).await.unwrap();
+    assert_eq!(answer.fold.start, FoldStart::Snapshot(seqs[11]));
+    assert_eq!(answer.fold.folded, seqs[17] - seqs[11]);
+    let expected = explain_at(&from_start, "snap.test", point).await.unwrap();
+    assert_eq!(expected.fold.start, FoldStart::Empty);
+    assert_eq!(answer.entries, expected.entries);
+    // After the newest checkpoint: it, then the tail.
+    let late = reader.state_at(Point::Seq(seqs[27])).await.unwrap();
+    assert_eq!(late.fold.start, FoldStart::Checkpoint(seqs[24]));
+    assert_eq!(late.fold.folded, 3);
+    assert_eq!(
+        late.state,
+        from_start.state_at_seq(seqs[27]).await.unwrap().state
+    );
+    // diff folds once: from the snapshot before the earlier point on.
+    let d = diff_between(&reader, Point::Seq(seqs[13]), Point::Seq(seqs[16]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.fold.start, d.fold.folded),
+        (FoldStart::Snapshot(seqs[11]), seqs[16] - seqs[11])
+    );
+    // Before the first snapshot: from the start.
+    let early = reader.state_at(Point::Seq(seqs[2])).await.unwrap();
+    assert_eq!(early.fold.start, FoldStart::Empty);
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use caddy_fleet_nats::async_nats::jetstream::stream::Stream as JsStream;
 use caddy_fleet_nats::consume::{replay, ConsumeError};
 use caddy_fleet_schema::caddyfile::{Caddyfile, ParseError};
-use caddy_fleet_schema::{AgentId, Event, RouteState};
+use caddy_fleet_schema::{AgentId, RouteState};
 
 use crate::caddy::{CaddyAdmin, CaddyApi};
 use crate::checkpoint::{CheckpointError, CheckpointStore};
@@ -42,14 +42,12 @@ pub(crate) fn fold(
     subject: &str,
     payload: &[u8],
 ) -> Option<AgentId> {
-    match Event::decode_from(subject, payload) {
-        Ok(event) => {
-            state.apply(seq, &event);
+    match state.fold_message(seq, subject, payload) {
+        Ok(agent) => {
             stats.folded();
-            Some(event.agent().clone())
+            Some(agent)
         }
         Err(error) => {
-            state.skip(seq);
             stats.decode_failed(seq, subject, &error);
             None
         }

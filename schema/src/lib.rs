@@ -17,11 +17,13 @@
 //! - [`policy`], [`restrict`]: which sites and upstreams each agent may
 //!   serve, and the restricted grammar untrusted agents' labels must keep.
 //! - [`routes`]: route tables, their differences, and explanations for people.
+//! - [`history`]: what each message of the log changed, in words.
 //! - [`translate`]: container facts → one merged Caddyfile, with upstreams
 //!   resolved from the facts and bad containers left out.
 
 pub mod caddyfile;
 pub mod event;
+pub mod history;
 pub mod labels;
 pub mod lexer;
 pub mod limits;

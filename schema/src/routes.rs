@@ -88,8 +88,37 @@ pub fn route_rows(state: &RouteState, units: &[crate::translate::ContainerUnit])
     rows.into_values().collect()
 }
 
+/// A container left out of the config (also as `/status` serves it, under
+/// `rejected`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedRow {
+    pub agent: String,
+    pub container: String,
+    #[serde(default)]
+    pub container_id: String,
+    /// `labels`, `policy` or `caddy`.
+    pub by: String,
+    pub reason: String,
+}
+
+/// The containers of `state` translation leaves out (by their labels or
+/// the policy; Caddy's own refusals only a live applier knows).
+pub fn refused_rows(state: &RouteState, options: &TranslateOptions) -> Vec<RefusedRow> {
+    let (_, refused) = translate_units(state, options, &BTreeSet::new());
+    refused
+        .into_iter()
+        .map(|r| RefusedRow {
+            agent: r.agent,
+            container: r.container,
+            container_id: r.container_id,
+            by: r.by.as_str().to_string(),
+            reason: r.reason,
+        })
+        .collect()
+}
+
 /// What changed between two route tables.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteDiff {
     pub added: Vec<RouteRow>,
     pub removed: Vec<RouteRow>,
@@ -129,7 +158,7 @@ pub fn diff(before: &[RouteRow], after: &[RouteRow]) -> RouteDiff {
 }
 
 /// Why a container does or does not serve a domain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExplainEntry {
     pub agent: String,
     pub container: String,
@@ -222,6 +251,21 @@ pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> 
         }
     }
     entries
+}
+
+/// Marks the entries a live applier left out, with who refused them and
+/// why: at the applier's present, its verdicts (Caddy's own refusals among
+/// them) are the truth.
+pub fn apply_live_refusals(entries: &mut [ExplainEntry], refused: &[RefusedRow]) {
+    for entry in entries.iter_mut().filter(|e| e.left_out.is_none()) {
+        if let Some(r) = refused
+            .iter()
+            .find(|r| r.container_id == entry.container_id)
+        {
+            entry.left_out = Some(format!("refused by {}: {}", r.by, r.reason));
+            entry.upstreams.clear();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -318,6 +362,54 @@ mod tests {
                 .unwrap()
                 .contains("no published port for 80/tcp"),
             "{why_b:?}"
+        );
+    }
+
+    #[test]
+    fn explain_takes_a_live_appliers_refusals() {
+        let entry = |id: &str| ExplainEntry {
+            agent: "a1".into(),
+            container: id.into(),
+            container_id: id.into(),
+            seq: 1,
+            upstreams: vec!["10.0.0.1:80".into()],
+            left_out: None,
+        };
+        let mut entries = vec![entry("bad"), entry("good")];
+        apply_live_refusals(
+            &mut entries,
+            &[RefusedRow {
+                agent: "a1".into(),
+                container: "bad".into(),
+                container_id: "bad".into(),
+                by: "caddy".into(),
+                reason: "unrecognized directive: bogus_directive".into(),
+            }],
+        );
+        assert_eq!(
+            entries[0].left_out.as_deref(),
+            Some("refused by caddy: unrecognized directive: bogus_directive")
+        );
+        assert!(entries[0].upstreams.is_empty());
+        assert_eq!(entries[1].left_out, None);
+    }
+
+    #[test]
+    fn refused_rows_name_who_refused_and_why() {
+        let opts = TranslateOptions::trusting();
+        let mut s = RouteState::default();
+        let mut bad = up("a1", "c1", "a.test", 8001, ContainerState::Running);
+        if let Event::Up(facts) = &mut bad {
+            facts
+                .labels
+                .insert("caddy.reverse_proxy".into(), "{{upstreams".into());
+        }
+        s.apply(1, &bad);
+        let rows = refused_rows(&s, &opts);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(
+            (rows[0].container_id.as_str(), rows[0].by.as_str()),
+            ("c1", "labels")
         );
     }
 }

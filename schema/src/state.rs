@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{ContainerFacts, Event};
+use crate::event::{ContainerFacts, DecodeError, Event};
 use crate::subject::AgentId;
 
 /// The folded state of the log.
@@ -92,6 +92,43 @@ impl RouteState {
         }
     }
 
+    /// Folds one message as read from the log: decodes it from its subject
+    /// ([`Event::decode_from`]) and applies it, or, when it does not decode,
+    /// skips its sequence and returns why. This is the one fold the applier
+    /// (live and recovering) and the debugging commands share. Returns the
+    /// agent the message came from.
+    pub fn fold_message(
+        &mut self,
+        seq: u64,
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<AgentId, DecodeError> {
+        self.fold_message_observed(seq, subject, payload, |_, _| {})
+    }
+
+    /// [`RouteState::fold_message`], with `observe` shown each decoded event
+    /// and the state just before it is applied (what `history` describes
+    /// changes against).
+    pub fn fold_message_observed(
+        &mut self,
+        seq: u64,
+        subject: &str,
+        payload: &[u8],
+        observe: impl FnOnce(&RouteState, &Event),
+    ) -> Result<AgentId, DecodeError> {
+        match Event::decode_from(subject, payload) {
+            Ok(event) => {
+                observe(self, &event);
+                self.apply(seq, &event);
+                Ok(event.agent().clone())
+            }
+            Err(error) => {
+                self.skip(seq);
+                Err(error)
+            }
+        }
+    }
+
     /// Records that the message at `seq` was read but could not be decoded,
     /// so a checkpoint taken now resumes after it.
     pub fn skip(&mut self, seq: u64) {
@@ -141,6 +178,31 @@ mod tests {
             health: Health::None,
             observed_at_ms: u64::from(port),
         })
+    }
+
+    #[test]
+    fn fold_message_decodes_from_the_subject_and_skips_what_does_not_decode() {
+        let event = up(0, 1, 1, true);
+        let mut state = RouteState::default();
+        let observed = std::cell::Cell::new(None);
+        let agent = state
+            .fold_message_observed(3, &event.subject(), &event.encode(), |before, e| {
+                observed.set(Some((before.last_seq, e == &event)));
+            })
+            .unwrap();
+        assert_eq!(agent, super::AgentId::new("a1").unwrap());
+        assert_eq!(observed.get(), Some((0, true)), "sees the state before it");
+        let mut expected = RouteState::default();
+        expected.apply(3, &event);
+        assert_eq!(state, expected);
+        // Garbage, and a payload on another agent's subject, are skipped.
+        assert!(state.fold_message(4, &event.subject(), b"garbage").is_err());
+        let other = up(1, 1, 1, true);
+        assert!(state
+            .fold_message(5, &other.subject(), &event.encode())
+            .is_err());
+        expected.skip(5);
+        assert_eq!(state, expected);
     }
 
     fn any_event() -> impl Strategy<Value = Event> {

@@ -187,6 +187,10 @@ struct Translated {
     trusted: bool,
 }
 
+/// A container's translation, or why it is refused, and the sequence of
+/// the `up` it was made from.
+type CachedTranslation = (u64, Result<Translated, (RefusedBy, String)>);
+
 /// Per-container translations kept from one render to the next, so a push
 /// translates and marshals only the containers whose facts changed.
 ///
@@ -197,7 +201,7 @@ struct Translated {
 #[derive(Debug, Default)]
 pub struct TranslationCache {
     options: Option<TranslateOptions>,
-    entries: HashMap<(AgentId, String), (u64, Result<Translated, (RefusedBy, String)>)>,
+    entries: HashMap<(AgentId, String), CachedTranslation>,
     /// Containers translated (not taken from the cache) by the last render.
     pub translated_last: usize,
 }

@@ -104,10 +104,12 @@ impl Nats {
     pub async fn start() -> Nats {
         ensure_images();
         let container = start_retrying(
-            GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
-                .with_exposed_port(4222.tcp())
-                .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
-                .with_cmd(["-js", "-sd", "/data"]),
+            || {
+                GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
+                    .with_exposed_port(4222.tcp())
+                    .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+                    .with_cmd(["-js", "-sd", "/data"])
+            },
             "NATS",
         )
         .await;
@@ -122,6 +124,22 @@ impl Nats {
         NatsConfig {
             urls: vec![self.url.clone()],
             ..Default::default()
+        }
+    }
+
+    /// Where the debugging commands look on this NATS: the default log and
+    /// checkpoint bucket, `applier`'s checkpoints, no live applier, labels
+    /// read trusting every agent.
+    pub fn inspect_config(&self, applier: Option<&str>) -> caddy_fleet::inspect::InspectConfig {
+        caddy_fleet::inspect::InspectConfig {
+            nats: self.config(),
+            stream: StreamSettings::default().name,
+            checkpoint_bucket: caddy_fleet::applier::checkpoint::BUCKET.to_string(),
+            applier_name: applier.map(str::to_string),
+            status_url: "http://127.0.0.1:1".to_string(),
+            translate: caddy_fleet::schema::translate::TranslateOptions::trusting(),
+            base_caddyfile: None,
+            caddy_api_url: "http://127.0.0.1:1".to_string(),
         }
     }
 
@@ -221,13 +239,16 @@ impl Caddy {
 /// random host port.
 pub async fn start_backend(labels: &[(&str, String)], body: &str) -> ContainerAsync<GenericImage> {
     ensure_images();
-    let mut request = GenericImage::new(WHOAMI_IMAGE.0, WHOAMI_IMAGE.1)
-        .with_exposed_port(80.tcp())
-        .with_wait_for(WaitFor::message_on_stderr("server running"))
-        .with_cmd([body.to_string()]);
-    for (k, v) in labels {
-        request = request.with_label(*k, v.clone());
-    }
+    let request = || {
+        let mut request = GenericImage::new(WHOAMI_IMAGE.0, WHOAMI_IMAGE.1)
+            .with_exposed_port(80.tcp())
+            .with_wait_for(WaitFor::message_on_stderr("server running"))
+            .with_cmd([body.to_string()]);
+        for (k, v) in labels {
+            request = request.with_label(*k, v.clone());
+        }
+        request
+    };
     start_retrying(request, "backend").await
 }
 
@@ -236,14 +257,14 @@ pub async fn start_backend(labels: &[(&str, String)], body: &str) -> ContainerAs
 /// use": the ephemeral range is shared with every outgoing connection), so
 /// that lost race is retried, with the project's own retry policy.
 pub async fn start_retrying(
-    request: testcontainers::ContainerRequest<GenericImage>,
+    request: impl Fn() -> testcontainers::ContainerRequest<GenericImage>,
     what: &str,
 ) -> ContainerAsync<GenericImage> {
     let mut retry = caddy_fleet::nats::retry::RetryPolicy::NATS
         .with_deadline(Duration::from_secs(30))
         .start();
     loop {
-        match request.clone().start().await {
+        match request().start().await {
             Ok(container) => return container,
             Err(error) => match retry.next_delay() {
                 Some(delay) if error.to_string().contains("already in use") => {
