@@ -380,7 +380,12 @@ pub fn start_applier_with(
     config.base_caddyfile = Some(caddy.base_caddyfile());
     // The suite's agents are the test's own: trusted with everything, as
     // caddy-docker-proxy trusts labels (tests of the policy tune this).
-    config.translate = caddy_fleet::schema::translate::TranslateOptions::trusting();
+    config.translate = caddy_fleet::schema::translate::TranslateOptions {
+        // As the settings' default (STREAM_CLOSE_DELAY), so the debugging
+        // commands, run with default settings, agree with the applier.
+        stream_close_delay: Some(Duration::from_secs(3600)),
+        ..caddy_fleet::schema::translate::TranslateOptions::trusting()
+    };
     config.health_check_interval = Duration::from_millis(500);
     config.checkpoint_interval = Duration::from_secs(1);
     tune(&mut config);
