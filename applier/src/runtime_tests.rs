@@ -282,6 +282,22 @@ async fn the_first_change_after_a_quiet_period_is_pushed_at_once() {
     // No window is waited: the push happens without the clock moving.
     assert_eq!(loaded_at - sent, Duration::ZERO, "waited before pushing");
     assert!(text.contains("web.test"), "{text}");
+    // One source per figure: the registry /metrics encodes.
+    let metrics = applier.board.metrics();
+    for line in [
+        "caddy_fleet_events_folded_total 1",
+        "caddy_fleet_pushes_total{outcome=\"loaded\"} 2",
+        "caddy_fleet_push_duration_seconds_count 2",
+        // The start-up push carries no change; the second one does.
+        "caddy_fleet_change_to_pushed_seconds_count 1",
+        "caddy_fleet_converged 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} not in\n{metrics}"
+        );
+    }
+    assert_eq!(applier.board.stats.snapshot().pushes, 2);
     applier.stop().await;
 }
 

@@ -2,7 +2,6 @@
 //! (Prometheus text) and `/status` (JSON), served on `STATUS_LISTEN`.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -12,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::telemetry::Stats;
+use crate::telemetry::{By, Stats};
 
 /// The applier's state as `/status` shows it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -92,101 +91,26 @@ impl StatusBoard {
         }
     }
 
-    /// Prometheus text exposition of the counters.
+    /// The metrics in the OpenMetrics text format (Prometheus reads it).
+    /// The gauges that describe the view are set from it here, so each
+    /// figure has one source.
     pub fn metrics(&self) -> String {
         let view = self.view();
-        let s = &self.stats;
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        };
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
-        metric(
-            "caddy_fleet_events_folded_total",
-            "counter",
-            "Messages folded into the route state.",
-            load(&s.events_folded),
-        );
-        metric(
-            "caddy_fleet_decode_errors_total",
-            "counter",
-            "Messages skipped because they could not be decoded.",
-            load(&s.decode_errors),
-        );
-        let skipped = s.skipped_by_reason();
-        out.push_str(
-            "# HELP caddy_fleet_messages_skipped_total Messages skipped and acked: undecodable, too large, or not matching their subject (forged).\n# TYPE caddy_fleet_messages_skipped_total counter\n",
-        );
-        for (reason, count) in &skipped {
-            out.push_str(&format!(
-                "caddy_fleet_messages_skipped_total{{reason=\"{reason}\"}} {count}\n"
-            ));
-        }
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        };
-        metric(
-            "caddy_fleet_pushes_total",
-            "counter",
-            "Configs Caddy accepted.",
-            load(&s.pushes),
-        );
-        metric(
-            "caddy_fleet_push_failures_total",
-            "counter",
-            "Pushes that failed (Caddy down or refusing).",
-            load(&s.push_failures),
-        );
-        metric(
-            "caddy_fleet_checkpoints_total",
-            "counter",
-            "Checkpoints written.",
-            load(&s.checkpoints),
-        );
-        metric(
-            "caddy_fleet_rejected_containers",
-            "gauge",
-            "Containers left out of the config.",
-            view.rejected.len().to_string(),
-        );
-        metric(
-            "caddy_fleet_consumer_lag",
-            "gauge",
-            "Messages waiting in the durable consumer.",
-            view.consumer_lag.unwrap_or(0).to_string(),
-        );
-        metric(
-            "caddy_fleet_last_seq",
-            "gauge",
-            "Stream sequence of the last message folded.",
-            view.folded_seq.to_string(),
-        );
-        let micros = s.last_push_micros.load(Ordering::Relaxed) as f64;
-        metric(
-            "caddy_fleet_last_push_duration_seconds",
-            "gauge",
-            "Duration of the last accepted push.",
-            format!("{}", micros / 1e6),
-        );
-        metric(
-            "caddy_fleet_converged",
-            "gauge",
-            "1 when Caddy runs the config for the current state.",
-            u8::from(view.converged).to_string(),
-        );
-        out.push_str(
-            "# HELP caddy_fleet_refused_containers Containers left out of the config, by who refused them (labels, policy, caddy).\n# TYPE caddy_fleet_refused_containers gauge\n",
-        );
+        let m = &self.stats.metrics;
+        m.consumer_lag
+            .set(view.consumer_lag.unwrap_or(0).min(i64::MAX as u64) as i64);
+        m.last_seq.set(view.folded_seq.min(i64::MAX as u64) as i64);
+        m.converged.set(i64::from(view.converged));
+        m.rejected_containers.set(view.rejected.len() as i64);
         for by in ["labels", "policy", "caddy"] {
             let count = view.rejected.iter().filter(|r| r.by == by).count();
-            out.push_str(&format!(
-                "caddy_fleet_refused_containers{{by=\"{by}\"}} {count}\n"
-            ));
+            m.refused_containers
+                .get_or_create(&By { by: by.to_string() })
+                .set(count as i64);
         }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
         out
     }
 }
@@ -208,7 +132,10 @@ async fn readyz(State(board): State<Arc<StatusBoard>>) -> impl IntoResponse {
 
 async fn metrics(State(board): State<Arc<StatusBoard>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         board.metrics(),
     )
 }

@@ -1,43 +1,158 @@
 //! The applier's observable happenings: each function logs one line and
 //! bumps its counter together, so logs and metrics cannot drift apart.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use caddy_fleet_schema::translate::Rejected;
 use caddy_fleet_schema::DecodeError;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A metric's one label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Reason {
+    pub reason: String,
+}
+
+/// What a convergence did.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Outcome {
+    /// `loaded` (Caddy accepted a config) or `failed`.
+    pub outcome: String,
+}
+
+/// Who left a container out.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct By {
+    pub by: String,
+}
+
+/// Every metric of one applier, in one registry: the only source of each
+/// figure `/metrics` shows and [`Stats::snapshot`] reads.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    pub registry: Registry,
+    pub events_folded: Counter,
+    pub decode_errors: Counter,
+    pub messages_skipped: Family<Reason, Counter>,
+    pub pushes: Family<Outcome, Counter>,
+    pub push_duration: Histogram,
+    pub change_to_pushed: Histogram,
+    pub checkpoints: Counter,
+    pub rejected_containers: Gauge,
+    pub refused_containers: Family<By, Gauge>,
+    pub consumer_lag: Gauge,
+    pub last_seq: Gauge,
+    pub converged: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("caddy_fleet");
+        // 1 ms … about 33 s, doubling.
+        let seconds = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let metrics = Metrics {
+            registry: Registry::default(),
+            events_folded: Counter::default(),
+            decode_errors: Counter::default(),
+            messages_skipped: Family::default(),
+            pushes: Family::default(),
+            push_duration: seconds(),
+            change_to_pushed: seconds(),
+            checkpoints: Counter::default(),
+            rejected_containers: Gauge::default(),
+            refused_containers: Family::default(),
+            consumer_lag: Gauge::default(),
+            last_seq: Gauge::default(),
+            converged: Gauge::default(),
+        };
+        registry.register(
+            "events_folded",
+            "Messages folded into the route state",
+            metrics.events_folded.clone(),
+        );
+        registry.register(
+            "decode_errors",
+            "Messages skipped because they could not be decoded",
+            metrics.decode_errors.clone(),
+        );
+        registry.register(
+            "messages_skipped",
+            "Messages skipped and acked: undecodable, too large, or not matching their subject (forged)",
+            metrics.messages_skipped.clone(),
+        );
+        registry.register(
+            "pushes",
+            "Convergences that loaded a config into Caddy (outcome=loaded) or failed (outcome=failed)",
+            metrics.pushes.clone(),
+        );
+        registry.register(
+            "push_duration_seconds",
+            "How long a convergence that loaded a config took (translate, adapt, load, isolation)",
+            metrics.push_duration.clone(),
+        );
+        registry.register(
+            "change_to_pushed_seconds",
+            "From the oldest change a push carries being folded to Caddy running it",
+            metrics.change_to_pushed.clone(),
+        );
+        registry.register(
+            "checkpoints",
+            "Checkpoints written",
+            metrics.checkpoints.clone(),
+        );
+        registry.register(
+            "rejected_containers",
+            "Containers left out of the config",
+            metrics.rejected_containers.clone(),
+        );
+        registry.register(
+            "refused_containers",
+            "Containers left out of the config, by who refused them (labels, policy, caddy)",
+            metrics.refused_containers.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Messages waiting in the durable consumer",
+            metrics.consumer_lag.clone(),
+        );
+        registry.register(
+            "last_seq",
+            "Stream sequence of the last message folded",
+            metrics.last_seq.clone(),
+        );
+        registry.register(
+            "converged",
+            "1 when Caddy runs the config for the current state",
+            metrics.converged.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
 
 /// Counters of one applier, shared with whoever reports them.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Messages folded into the state.
-    pub events_folded: AtomicU64,
-    /// Messages that could not be decoded (skipped and acked).
-    pub decode_errors: AtomicU64,
-    /// Configs Caddy accepted.
-    pub pushes: AtomicU64,
-    /// Pushes Caddy or the network refused.
-    pub push_failures: AtomicU64,
-    /// Containers left out of the config because of their labels, at the last render.
-    pub rejected_containers: AtomicU64,
-    /// Duration of the last successful push, in microseconds.
-    pub last_push_micros: AtomicU64,
-    /// Checkpoints written.
-    pub checkpoints: AtomicU64,
+    pub(crate) metrics: Metrics,
     /// The containers left out at the last render, with their reasons.
     rejected: Mutex<Vec<Rejected>>,
-    /// Skipped messages by reason ([`DecodeError::kind`]), and which
-    /// (subject agent, reason) pairs were already logged.
+    /// Which (subject agent, reason) pairs of skipped messages were logged.
     skipped: Mutex<SkippedMessages>,
 }
 
-/// Skipped messages by reason; each (agent, reason) pair is logged once, so
-/// an agent that floods forgeries cannot flood the log too.
+/// Each (agent, reason) pair of skipped messages is logged once, so an
+/// agent that floods forgeries cannot flood the log too.
 #[derive(Debug, Default)]
 struct SkippedMessages {
-    by_reason: BTreeMap<&'static str, u64>,
     logged: HashSet<(String, &'static str)>,
 }
 
@@ -59,27 +174,40 @@ pub struct StatsSnapshot {
 impl Stats {
     /// Reads every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
+        let m = &self.metrics;
+        let outcome = |outcome: &str| {
+            m.pushes
+                .get_or_create(&Outcome {
+                    outcome: outcome.to_string(),
+                })
+                .get()
+        };
         StatsSnapshot {
-            events_folded: self.events_folded.load(Ordering::Relaxed),
-            decode_errors: self.decode_errors.load(Ordering::Relaxed),
-            pushes: self.pushes.load(Ordering::Relaxed),
-            push_failures: self.push_failures.load(Ordering::Relaxed),
-            rejected_containers: self.rejected_containers.load(Ordering::Relaxed),
-            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            events_folded: m.events_folded.get(),
+            decode_errors: m.decode_errors.get(),
+            pushes: outcome("loaded"),
+            push_failures: outcome("failed"),
+            rejected_containers: m.rejected_containers.get().max(0) as u64,
+            checkpoints: m.checkpoints.get(),
         }
     }
 
     pub(crate) fn folded(&self) {
-        self.events_folded.fetch_add(1, Ordering::Relaxed);
+        self.metrics.events_folded.inc();
     }
 
     pub(crate) fn decode_failed(&self, seq: u64, subject: &str, error: &DecodeError) {
-        self.decode_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.decode_errors.inc();
         let reason = error.kind();
+        self.metrics
+            .messages_skipped
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc();
         let Ok(mut skipped) = self.skipped.lock() else {
             return;
         };
-        *skipped.by_reason.entry(reason).or_default() += 1;
         // The agent token of the subject, whatever the payload claims.
         let agent = subject.split('.').nth(1).unwrap_or("");
         let agent = caddy_fleet_schema::limits::shortened(agent, 64);
@@ -91,12 +219,14 @@ impl Stats {
         }
     }
 
-    /// Skipped messages by reason.
-    pub fn skipped_by_reason(&self) -> BTreeMap<&'static str, u64> {
-        self.skipped
-            .lock()
-            .map(|s| s.by_reason.clone())
-            .unwrap_or_default()
+    /// Messages skipped for `reason` (a [`DecodeError::kind`]).
+    pub fn skipped(&self, reason: &str) -> u64 {
+        self.metrics
+            .messages_skipped
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .get()
     }
 
     /// The containers left out of the config at the last render, and why.
@@ -107,8 +237,7 @@ impl Stats {
     /// Records the containers left out of this render; logs each one when
     /// it is first left out and when it is back, not on every render.
     pub(crate) fn rendered(&self, rejected: Vec<Rejected>) {
-        self.rejected_containers
-            .store(rejected.len() as u64, Ordering::Relaxed);
+        self.metrics.rejected_containers.set(rejected.len() as i64);
         let Ok(mut previous) = self.rejected.lock() else {
             return;
         };
@@ -139,9 +268,11 @@ impl Stats {
         if !pushed {
             return;
         }
-        self.pushes.fetch_add(1, Ordering::Relaxed);
-        self.last_push_micros
-            .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.count_push("loaded");
+        self.metrics.push_duration.observe(took.as_secs_f64());
+        if let Some(latency) = latency {
+            self.metrics.change_to_pushed.observe(latency.as_secs_f64());
+        }
         tracing::info!(
             containers,
             took_ms = took.as_millis() as u64,
@@ -150,8 +281,17 @@ impl Stats {
         );
     }
 
+    fn count_push(&self, outcome: &str) {
+        self.metrics
+            .pushes
+            .get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
     pub(crate) fn checkpointed(&self, seq: u64, took: Duration) {
-        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.metrics.checkpoints.inc();
         tracing::debug!(
             seq,
             took_ms = took.as_millis() as u64,
@@ -176,7 +316,7 @@ impl Stats {
     }
 
     pub(crate) fn push_failed(&self, error: &dyn std::fmt::Display, retry_in: Duration) {
-        self.push_failures.fetch_add(1, Ordering::Relaxed);
+        self.count_push("failed");
         tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "Caddy push failed; will retry.");
     }
 }
