@@ -143,7 +143,12 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 }
                 unsaved.hold(delivery);
                 if unsaved.count >= config.checkpoint_every {
-                    unsaved.save(&checkpoints, &state, stats).await;
+                    tokio::select! {
+                        // Written (or failed, to be tried again).
+                        () = unsaved.save(&checkpoints, &state, stats) => {}
+                        // Shutdown while NATS is slow: stop trying here.
+                        () = &mut shutdown => break,
+                    }
                 }
             }
             // Convergence is ready to push: hand it the newest state.
@@ -156,7 +161,12 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
             }
             // Messages wait for a checkpoint: write one, then ack.
             () = tokio::time::sleep_until(checkpoint_due), if unsaved.since.is_some() => {
-                unsaved.save(&checkpoints, &state, stats).await;
+                tokio::select! {
+                    // Written (or failed, to be tried again).
+                    () = unsaved.save(&checkpoints, &state, stats) => {}
+                    // Shutdown while NATS is slow: stop trying here.
+                    () = &mut shutdown => break,
+                }
             }
             // Periodically: did an agent go quiet or come back, how far
             // behind are we.
@@ -166,7 +176,8 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                     owner.changes.send_modify(|n| *n += 1);
                 }
                 let agents = liveness.views(&state, config.agent_stale_after);
-                let lag = source.lag().await;
+                // NATS down must not hold the loop (or shutdown) for long.
+                let lag = tokio::time::timeout(LAG_TIMEOUT, source.lag()).await.ok().flatten();
                 board.update(|v| {
                     v.consumer_lag = lag;
                     v.folded_seq = state.last_seq;
@@ -178,10 +189,25 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
         }
     }
     if unsaved.count > 0 {
-        unsaved.save(&checkpoints, &state, stats).await;
+        // Bounded: with NATS down, what is not saved stays unacked and is
+        // redelivered to the next run, which ignores what it already holds.
+        let saved =
+            tokio::time::timeout(LAST_CHECKPOINT, unsaved.save(&checkpoints, &state, stats));
+        if saved.await.is_err() {
+            tracing::warn!(
+                unsaved = unsaved.count,
+                "Last checkpoint not written in time; those messages will be redelivered."
+            );
+        }
     }
     board.update(|v| v.consumer_attached = false);
 }
+
+/// How long asking NATS for the consumer's lag may take.
+const LAG_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the last checkpoint at shutdown may take: stopping stays
+/// within 5 s (`docker stop` kills at 10) with NATS down.
+const LAST_CHECKPOINT: Duration = Duration::from_secs(3);
 
 /// When each agent was last heard from, and which are expired.
 struct Liveness {

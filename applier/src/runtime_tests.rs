@@ -155,6 +155,19 @@ impl CheckpointStore for Saved {
     }
 }
 
+/// Checkpoints into a NATS that never answers.
+#[derive(Clone, Default)]
+struct Hanging;
+
+impl CheckpointStore for Hanging {
+    async fn load(&self) -> Result<Option<RouteState>, CheckpointError> {
+        Ok(None)
+    }
+    async fn save(&self, _: &RouteState) -> Result<(), CheckpointError> {
+        std::future::pending().await
+    }
+}
+
 fn agent(name: &str) -> AgentId {
     AgentId::new(name).unwrap()
 }
@@ -203,7 +216,11 @@ struct Applier {
 }
 
 impl Applier {
-    fn start(caddy: &FakeCaddy, checkpoints: Saved, tune: impl FnOnce(&mut ApplierConfig)) -> Self {
+    fn start(
+        caddy: &FakeCaddy,
+        checkpoints: impl CheckpointStore + Sync + 'static,
+        tune: impl FnOnce(&mut ApplierConfig),
+    ) -> Self {
         let mut config = ApplierConfig::new("test", "http://fake");
         config.translate = TranslateOptions::trusting();
         config.health_check_interval = Duration::from_secs(2);
@@ -486,4 +503,24 @@ async fn a_silent_agent_expires_after_the_ttl_and_comes_back_when_heard() {
     })
     .await;
     applier.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_nats_that_never_answers_holds_shutdown_at_most_its_bound() {
+    let caddy = FakeCaddy::default();
+    let mut applier = Applier::start(&caddy, Hanging, |c| {
+        c.checkpoint_every = 5;
+    });
+    for i in 0..12 {
+        applier.send(&up("a1", &format!("n{i}"), 9400 + i)).await;
+    }
+    // Consumption is stuck in its first checkpoint write.
+    until(Duration::from_secs(5), || {
+        applier.board.stats.snapshot().events_folded == 5
+    })
+    .await;
+    let stopping = Instant::now();
+    applier.stop().await;
+    let took = stopping.elapsed();
+    assert!(took <= Duration::from_secs(3), "took {took:?}");
 }
