@@ -69,7 +69,7 @@ async fn bench() {
     // The applier's store, fed as the applier feeds it: a checkpoint every
     // 10,000 messages (its default), kept as a snapshot at each crossing of
     // a multiple of SNAPSHOT_EVERY_MESSAGES.
-    let store = ObjectStoreCheckpoints::open(&js, "bench").await.unwrap();
+    let store = ObjectStoreCheckpoints::open(&js, "bench", 1).await.unwrap();
     let every = ApplierConfig::new("bench", "").checkpoint_every;
     let mut state = RouteState::default();
     let started = Instant::now();

@@ -132,20 +132,35 @@ pub async fn run_applier(
     let sourced = stream_settings.sourced_agents(&stream.cached_info().config);
     // Heartbeats of new agents come in on a connection of their own that
     // buffers little, so a flood is dropped rather than queued.
-    let provisioning_client = caddy_fleet_nats::connect(&NatsConfig {
-        subscription_capacity: Some(64),
-        ..nats.clone()
-    })
-    .await?;
-    let provisioning = caddy_fleet_nats::provision::run(
-        provisioning_client,
-        stream_settings.clone(),
-        sourced,
-        |_| true,
-        caddy_fleet_nats::provision::ProvisionLimits::default(),
-        std::future::pending(),
-    );
-    let checkpoints = ObjectStoreCheckpoints::open(&js, &config.name)
+    // Only the log's owner provisions agents (it alone updates the log).
+    let provisioning_client = if stream_settings.owner {
+        Some(
+            caddy_fleet_nats::connect(&NatsConfig {
+                subscription_capacity: Some(64),
+                ..nats.clone()
+            })
+            .await?,
+        )
+    } else {
+        None
+    };
+    let provisioning = async {
+        match provisioning_client {
+            Some(client) => {
+                caddy_fleet_nats::provision::run(
+                    client,
+                    stream_settings.clone(),
+                    sourced,
+                    |_| true,
+                    caddy_fleet_nats::provision::ProvisionLimits::default(),
+                    std::future::pending(),
+                )
+                .await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let checkpoints = ObjectStoreCheckpoints::open(&js, &config.name, stream_settings.replicas)
         .await
         .map_err(caddy_fleet_applier::ApplierError::from)?
         .retained_by(stream.clone());

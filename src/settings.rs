@@ -208,6 +208,11 @@ pub struct Settings {
     #[serde(deserialize_with = "text::replicas")]
     pub stream_replicas: usize,
 
+    /// Whether this applier creates and updates the log and provisions agents' ingest streams; with several ingresses on one log, exactly one has true and the others false (they check the log matches their settings and refuse to start otherwise).
+    #[arg(long, env = "STREAM_OWNER", global = true, value_name = "BOOL", action = ArgAction::Set, default_value = "true", value_parser = parse_switch)]
+    #[serde(deserialize_with = "text::switch")]
+    pub stream_owner: bool,
+
     /// NATS servers, comma-separated.
     #[arg(long, env = "NATS_URL", global = true, value_name = "URLS", default_value = "nats://127.0.0.1:4222", value_parser = parse_nats_urls)]
     #[serde(deserialize_with = "text::nats_urls")]
@@ -539,6 +544,7 @@ impl Settings {
         StreamSettings {
             max_age: self.stream_max_age,
             replicas: self.stream_replicas,
+            owner: self.stream_owner,
             ..StreamSettings::default()
         }
     }
@@ -1088,6 +1094,7 @@ mod tests {
         assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(s.stream_max_age, Duration::from_secs(7 * 86_400));
         assert_eq!(s.stream_replicas, 1);
+        assert!(s.stream_owner);
         assert_eq!(s.nats_url.0, vec!["nats://127.0.0.1:4222".to_string()]);
         assert!(!s.nats_tls_required);
         assert_eq!(s.log_format, LogFormat::Text);
@@ -1214,6 +1221,7 @@ sync_interval = "5m"
 heartbeat_interval = "10s"
 stream_max_age = "7d"
 stream_replicas = 1
+stream_owner = true
 nats_url = "nats://nats:4222"
 nats_token = "t"
 nats_user = "u"

@@ -12,8 +12,8 @@ use support::*;
 async fn labeled_backend_is_routed_then_unrouted_when_stopped() {
     let id = unique();
     let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
-    let (applier, stats) = start_applier(&nats, &caddy, "e2e");
-    let publisher = start_publisher(&nats, &format!("e2e-{id}"), &id, "127.0.0.1");
+    let (mut applier, stats) = start_applier(&nats, &caddy, "e2e");
+    let mut publisher = start_publisher(&nats, &format!("e2e-{id}"), &id, "127.0.0.1");
 
     let domain = format!("{id}.e2e.test");
     let body = format!("backend-{id}");

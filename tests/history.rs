@@ -436,7 +436,7 @@ async fn a_point_is_answered_from_the_nearest_snapshot_and_the_tail_after_it() {
     // The applier's store, as it checkpoints at three points: a snapshot
     // at the first, and at each crossing of a multiple of 10.
     let from_start = LogReader::open(&nats.inspect_config(None)).await.unwrap();
-    let store = ObjectStoreCheckpoints::open(&js, "snap")
+    let store = ObjectStoreCheckpoints::open(&js, "snap", 1)
         .await
         .unwrap()
         .with_schedule(SnapshotSchedule {

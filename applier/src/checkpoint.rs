@@ -201,18 +201,48 @@ pub struct ObjectStoreCheckpoints {
     ledger: Mutex<Ledger>,
 }
 
+/// Gives an existing bucket's stream at least `replicas` replicas; a
+/// failure only means fewer copies, so it is logged, not fatal.
+async fn raise_replicas(js: &jetstream::Context, bucket: &str, replicas: usize) {
+    let name = format!("OBJ_{bucket}");
+    let Ok(mut stream) = js.get_stream(&name).await else {
+        return;
+    };
+    let Ok(info) = stream.info().await else {
+        return;
+    };
+    if info.config.num_replicas >= replicas {
+        return;
+    }
+    let mut config = info.config.clone();
+    config.num_replicas = replicas;
+    if let Err(error) = js.update_stream(config).await {
+        tracing::warn!(%bucket, replicas, %error, "Cannot give the checkpoint bucket the log's replicas; it keeps fewer copies.");
+    }
+}
+
 impl ObjectStoreCheckpoints {
     /// The bucket every applier shares.
     pub const BUCKET: &'static str = BUCKET;
 
-    /// Opens (creating if needed) the bucket, for the applier `applier`.
-    pub async fn open(js: &jetstream::Context, applier: &str) -> Result<Self, CheckpointError> {
+    /// Opens (creating if needed) the bucket, for the applier `applier`,
+    /// with `replicas` replicas (the log's): an existing bucket with fewer
+    /// is given more.
+    pub async fn open(
+        js: &jetstream::Context,
+        applier: &str,
+        replicas: usize,
+    ) -> Result<Self, CheckpointError> {
         let store = match js.get_object_store(Self::BUCKET).await {
-            Ok(store) => store,
+            Ok(store) => {
+                raise_replicas(js, Self::BUCKET, replicas).await;
+                store
+            }
             Err(_) => js
                 .create_object_store(object_store::Config {
                     bucket: Self::BUCKET.to_string(),
                     description: Some("caddy-fleet applier checkpoints".to_string()),
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await

@@ -38,6 +38,11 @@ pub struct StreamSettings {
     pub agent_max_bytes: i64,
     /// How long an ingest stream keeps a message after the log sourced it.
     pub agent_max_age: Duration,
+    /// Whether this applier creates and updates the log (`STREAM_OWNER`).
+    /// With several ingresses on one log exactly one owns it; the others
+    /// only check that the log is what their settings say, and refuse to
+    /// start on a mismatch rather than overwrite the owner's settings.
+    pub owner: bool,
 }
 
 impl Default for StreamSettings {
@@ -49,6 +54,7 @@ impl Default for StreamSettings {
             replicas: 1,
             agent_max_bytes: 64 * 1024 * 1024,
             agent_max_age: Duration::from_secs(3600),
+            owner: true,
         }
     }
 }
@@ -81,21 +87,48 @@ impl StreamSettings {
     /// Whether an existing log's configuration already is what these
     /// settings ask for (its sources aside).
     pub fn matches(&self, current: &stream::Config) -> bool {
+        self.differences(current).is_empty()
+    }
+
+    /// How an existing log's configuration differs from what these settings
+    /// ask for (its sources aside), one `what: here vs on the log` each.
+    pub fn differences(&self, current: &stream::Config) -> Vec<String> {
         let wanted = self.to_config(Vec::new());
-        current
-            .subjects
-            .iter()
-            .all(|s| !s.starts_with(&format!("{}.", caddy_fleet_schema::subject::SUBJECT_ROOT)))
-            && current.max_age == wanted.max_age
-            && current.max_message_size == wanted.max_message_size
-            && current.duplicate_window == wanted.duplicate_window
-            && current.num_replicas == wanted.num_replicas
-            && current.discard == wanted.discard
-            && current.storage == wanted.storage
-            && current.allow_rollup == wanted.allow_rollup
-            && current.deny_delete == wanted.deny_delete
-            && current.deny_purge == wanted.deny_purge
-            && current.allow_direct == wanted.allow_direct
+        let mut differences = Vec::new();
+        let mut differ = |what: &str, here: String, there: String| {
+            if here != there {
+                differences.push(format!("{what}: {here} here, {there} on the log"));
+            }
+        };
+        let root = format!("{}.", caddy_fleet_schema::subject::SUBJECT_ROOT);
+        if current.subjects.iter().any(|s| s.starts_with(&root)) {
+            differ("subjects", "none".into(), current.subjects.join(","));
+        }
+        let age = |d: Duration| humantime_secs(d);
+        differ("STREAM_MAX_AGE", age(wanted.max_age), age(current.max_age));
+        differ(
+            "STREAM_REPLICAS",
+            wanted.num_replicas.to_string(),
+            current.num_replicas.to_string(),
+        );
+        // The server reports its default window for a log created with
+        // zero (off), so the window is compared only when one is asked for.
+        let window = |c: &stream::Config| {
+            if wanted.duplicate_window.is_zero() {
+                String::new()
+            } else {
+                format!(" duplicate_window={:?}", c.duplicate_window)
+            }
+        };
+        let rest = |c: &stream::Config| {
+            format!(
+                "max_msg_size={}{} discard={:?} storage={:?} rollup={} deny_delete={} deny_purge={} direct={}",
+                c.max_message_size, window(c), c.discard, c.storage,
+                c.allow_rollup, c.deny_delete, c.deny_purge, c.allow_direct
+            )
+        };
+        differ("other settings", rest(&wanted), rest(current));
+        differences
     }
 
     /// The name of `agent`'s ingest stream: `<log>_IN_<agent>`.
@@ -148,9 +181,21 @@ impl StreamSettings {
     }
 }
 
+/// A duration in whole seconds, as `STREAM_MAX_AGE` takes it.
+fn humantime_secs(duration: Duration) -> String {
+    format!("{}s", duration.as_secs())
+}
+
 /// Why the stream could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    #[error("stream {name} does not exist and this applier does not own it (STREAM_OWNER=false): start the owning applier first, or set STREAM_OWNER=true on exactly one applier")]
+    Missing { name: String },
+    #[error("stream {name} is not what this applier's settings say ({}); it belongs to the owning applier (STREAM_OWNER=true): give this one the same settings, or change them on the owner", differences.join("; "))]
+    Mismatch {
+        name: String,
+        differences: Vec<String>,
+    },
     #[error("cannot create or update stream {name}: {source}")]
     CreateOrUpdate {
         name: String,
@@ -173,8 +218,10 @@ pub enum StreamError {
     },
 }
 
-/// Creates the log, or brings an existing one to `settings`, keeping the
-/// sources it has. Safe to call from every applier at every start.
+/// The owner ([`StreamSettings::owner`]) creates the log, or brings an
+/// existing one to `settings`, keeping the sources it has; safe at every
+/// start. Any other applier only opens it and checks it matches its
+/// settings: a missing log or a mismatch is an error saying what to do.
 ///
 /// A log from before ingest streams captured `fleet.>` itself; it keeps its
 /// history and from now on sources the agents' ingest streams instead.
@@ -190,12 +237,37 @@ pub async fn ensure_stream(
             })?;
             let current = info.config.clone();
             let sources = current.sources.clone().unwrap_or_default();
+            let differences = settings.differences(&current);
             // Nothing to change: write nothing. A write replaces the whole
             // source list, so it could undo an agent added meanwhile.
-            if settings.matches(&current) {
+            if differences.is_empty() {
                 return Ok(existing);
             }
+            if !settings.owner {
+                return Err(StreamError::Mismatch {
+                    name: settings.name.clone(),
+                    differences,
+                });
+            }
             sources
+        }
+        // Not there (JetStream said so): only the owner creates it.
+        Err(error)
+            if !settings.owner
+                && matches!(
+                    error.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(_)
+                ) =>
+        {
+            return Err(StreamError::Missing {
+                name: settings.name.clone(),
+            });
+        }
+        Err(source) if !settings.owner => {
+            return Err(StreamError::Get {
+                name: settings.name.clone(),
+                source,
+            })
         }
         Err(_) => Vec::new(),
     };
@@ -279,5 +351,22 @@ mod tests {
         assert!(log.subjects.is_empty());
         assert_eq!(settings.sourced_agents(&log), [agent]);
         assert!(log.deny_purge && log.deny_delete && !log.allow_rollup);
+    }
+
+    #[test]
+    fn differences_name_the_setting_to_change() {
+        let owner = StreamSettings::default();
+        let log = owner.to_config(Vec::new());
+        assert!(owner.matches(&log));
+        let other = StreamSettings {
+            replicas: 3,
+            max_age: Duration::from_secs(3600),
+            owner: false,
+            ..StreamSettings::default()
+        };
+        let differences = other.differences(&log);
+        assert_eq!(differences.len(), 2, "{differences:?}");
+        assert!(differences[0].contains("STREAM_MAX_AGE: 3600s here, 604800s on the log"));
+        assert!(differences[1].contains("STREAM_REPLICAS: 3 here, 1 on the log"));
     }
 }

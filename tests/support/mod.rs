@@ -310,9 +310,13 @@ impl Running {
     }
 
     /// Panics if the component already stopped with an error.
-    pub fn assert_running(&self) {
+    pub fn assert_running(&mut self) {
         if let Some(task) = &self.task {
-            assert!(!task.is_finished(), "component stopped unexpectedly");
+            if task.is_finished() {
+                let task = self.task.take().expect("task");
+                let result = futures::FutureExt::now_or_never(task);
+                panic!("component stopped unexpectedly: {result:?}");
+            }
         }
     }
 }
@@ -375,6 +379,18 @@ pub fn start_applier_with(
     name: &str,
     tune: impl FnOnce(&mut ApplierConfig),
 ) -> (Running, Arc<StatusBoard>) {
+    start_applier_on(nats, caddy, name, StreamSettings::default(), tune)
+}
+
+/// Like [`start_applier_with`], with the given stream settings (e.g. not
+/// the log's owner).
+pub fn start_applier_on(
+    nats: &Nats,
+    caddy: &Caddy,
+    name: &str,
+    stream: StreamSettings,
+    tune: impl FnOnce(&mut ApplierConfig),
+) -> (Running, Arc<StatusBoard>) {
     let nats = nats.config();
     let mut config = ApplierConfig::new(name, caddy.admin_url());
     config.base_caddyfile = Some(caddy.base_caddyfile());
@@ -392,15 +408,9 @@ pub fn start_applier_with(
     let board = Arc::new(StatusBoard::default());
     let task_board = board.clone();
     let running = Running::spawn(move |rx| async move {
-        caddy_fleet::run_applier(
-            &nats,
-            &StreamSettings::default(),
-            config,
-            task_board,
-            async {
-                let _ = rx.await;
-            },
-        )
+        caddy_fleet::run_applier(&nats, &stream, config, task_board, async {
+            let _ = rx.await;
+        })
         .await
     });
     (running, board)
