@@ -62,7 +62,7 @@ async def run(delay, clients, pushes, caddy_bin):
         server = await websockets.serve(echo, "127.0.0.1", ECHO)
         sockets = []
         for i in range(clients):
-            ws = await websockets.connect(f"ws://127.0.0.1:{HTTP}/", additional_headers={"Host": "ws.bench.test"},
+            ws = await websockets.connect(f"ws://ws.bench.test:{HTTP}/", host="127.0.0.1", port=HTTP,
                                           open_timeout=10, ping_interval=None)
             sockets.append(ws)
         rss_open = rss_mib(caddy.pid)
