@@ -509,4 +509,40 @@ mod tests {
         assert_eq!(prunable(&seqs, 100), Vec::<u64>::new());
         assert_eq!(prunable(&seqs, 1000), [100, 200, 300]);
     }
+
+    /// A checkpoint as this release writes it (the state folded from the
+    /// wire fixture) is read back by this build, and re-encodes to the same
+    /// bytes; a later format is not misread but rebuilt from the stream.
+    #[test]
+    fn this_releases_checkpoint_format_is_read_back() {
+        let wire = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../schema/testdata/wire/v1.txt"
+        );
+        let mut state = RouteState::default();
+        let lines = std::fs::read_to_string(wire).unwrap();
+        // Every kind but `down`, so the checkpoint holds a container.
+        let kept = lines.lines().filter(|l| !l.contains("\"kind\":\"down\""));
+        for (seq, line) in kept.enumerate() {
+            let (subject, payload) = line.split_once('\t').unwrap();
+            state
+                .fold_message(seq as u64 + 1, subject, payload.as_bytes())
+                .unwrap();
+        }
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/checkpoint-v1.json");
+        if std::env::var_os("UPDATE_WIRE_FIXTURE").is_some() && std::fs::metadata(path).is_err() {
+            std::fs::write(path, encode(&state)).unwrap();
+        }
+        let fixture = std::fs::read(path).expect("the checkpoint fixture");
+        assert_eq!(decode(&fixture), Some(state.clone()));
+        assert_eq!(
+            encode(&state),
+            fixture,
+            "a new checkpoint format, not an edit"
+        );
+        let later = String::from_utf8(fixture)
+            .unwrap()
+            .replacen("\"format\":1", "\"format\":2", 1);
+        assert_eq!(decode(later.as_bytes()), None);
+    }
 }
