@@ -131,6 +131,28 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
             // its ack until a checkpoint covers it.
             delivery = source.next() => {
                 let Some(delivery) = delivery else { break };
+                // Everything before it first, in order: a durable consumer
+                // may deliver past messages it redelivers only later.
+                if delivery.seq > state.last_seq + 1 {
+                    match source.read_range(state.last_seq + 1, delivery.seq - 1).await {
+                        Ok(missing) => {
+                            if !missing.is_empty() {
+                                stats.gap_filled(state.last_seq + 1, delivery.seq - 1, missing.len());
+                            }
+                            for m in missing {
+                                if let Some(agent) = fold(&mut state, stats, m.seq, &m.subject, &m.payload) {
+                                    liveness.heard(agent);
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            // Not folded, not held: the next delivery
+                            // tries again, this one included.
+                            stats.gap_unfilled(state.last_seq + 1, delivery.seq, &error);
+                            continue;
+                        }
+                    }
+                }
                 if let Some(agent) = fold(&mut state, stats, delivery.seq, &delivery.subject, &delivery.payload) {
                     liveness.heard(agent);
                 }

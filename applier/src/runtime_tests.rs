@@ -524,3 +524,70 @@ async fn a_nats_that_never_answers_holds_shutdown_at_most_its_bound() {
     let took = stopping.elapsed();
     assert!(took <= Duration::from_secs(3), "took {took:?}");
 }
+
+/// A consumer that skips: it delivers some messages of the log and gives
+/// the others only when asked for a range, as a durable consumer can after
+/// a change of leader.
+struct Gappy {
+    log: Vec<Event>,
+    delivered: std::collections::VecDeque<u64>,
+}
+
+impl Gappy {
+    fn at(&self, seq: u64) -> Delivery {
+        let event = &self.log[seq as usize - 1];
+        Delivery::detached(seq, event.subject(), event.encode())
+    }
+}
+
+impl crate::source::LogSource for Gappy {
+    async fn next(&mut self) -> Option<Delivery> {
+        match self.delivered.pop_front() {
+            Some(seq) => Some(self.at(seq)),
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn read_range(
+        &mut self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Delivery>, caddy_fleet_nats::ConsumeError> {
+        Ok((from..=to).map(|seq| self.at(seq)).collect())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_a_consumer_skips_are_read_in_order_before_later_ones() {
+    let caddy = FakeCaddy::default();
+    let log: Vec<Event> = (1..=6u16)
+        .map(|seq| up("a1", &format!("g{seq}"), 9500 + seq))
+        .collect();
+    // 3 and 4 come only after 5 (a redelivery the fold would ignore).
+    let source = Gappy {
+        log,
+        delivered: [1, 2, 5, 3, 4, 6].into(),
+    };
+    let mut config = ApplierConfig::new("gaps", "http://fake");
+    config.translate = TranslateOptions::trusting();
+    let board = Arc::new(StatusBoard::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(run_with_caddy(
+        source,
+        Saved::default(),
+        RouteState::default(),
+        config,
+        caddy.clone(),
+        board.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    until(Duration::from_secs(5), || {
+        let text = caddy.last_loaded();
+        (1..=6).all(|i| text.contains(&format!("g{i}.test")))
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

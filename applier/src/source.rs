@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use caddy_fleet_nats::{Delivery, DurableSource};
+use caddy_fleet_nats::{ConsumeError, Delivery, DurableSource};
 
 /// An ordered source of log messages.
 pub trait LogSource {
@@ -14,6 +14,18 @@ pub trait LogSource {
     fn lag(&mut self) -> impl Future<Output = Option<u64>> + Send {
         async { None }
     }
+
+    /// The log's messages `from..=to`, in order, when the source skipped
+    /// them (see [`DurableSource::read_range`]); sources that deliver in
+    /// order have none to give.
+    fn read_range(
+        &mut self,
+        from: u64,
+        to: u64,
+    ) -> impl Future<Output = Result<Vec<Delivery>, ConsumeError>> + Send {
+        let _ = (from, to);
+        async { Ok(Vec::new()) }
+    }
 }
 
 impl LogSource for DurableSource {
@@ -23,6 +35,10 @@ impl LogSource for DurableSource {
 
     async fn lag(&mut self) -> Option<u64> {
         self.position().await.ok().map(|p| p.pending)
+    }
+
+    async fn read_range(&mut self, from: u64, to: u64) -> Result<Vec<Delivery>, ConsumeError> {
+        DurableSource::read_range(self, from, to).await
     }
 }
 

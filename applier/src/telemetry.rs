@@ -303,6 +303,14 @@ impl Stats {
         tracing::warn!(%error, "Checkpoint failed; messages stay unacked and will be retried.");
     }
 
+    pub(crate) fn gap_filled(&self, from: u64, to: u64, read: usize) {
+        tracing::warn!(from, to, read, "The consumer skipped messages (a leader change?); read them from the log in order before going on.");
+    }
+
+    pub(crate) fn gap_unfilled(&self, from: u64, to: u64, error: &dyn std::fmt::Display) {
+        tracing::warn!(from, to, %error, "The consumer skipped messages and the log cannot be read now; waiting for the next delivery to try again.");
+    }
+
     pub(crate) fn agent_expired(&self, agent: &str, silent: Duration) {
         tracing::warn!(%agent, silent_secs = silent.as_secs(), "Agent silent longer than AGENT_TTL: its routes are removed until it is heard again.");
     }

@@ -130,6 +130,7 @@ pub struct ConsumerPosition {
 /// streams, waits with capped backoff and carries on; it only returns when a
 /// message arrives, so callers can `select!` on it against a shutdown.
 pub struct DurableSource {
+    stream: JsStream,
     consumer: consumer::PullConsumer,
     messages: Option<pull::Stream>,
     retry: Retry,
@@ -161,10 +162,26 @@ impl DurableSource {
                 source,
             })?;
         Ok(DurableSource {
+            stream: stream.clone(),
             consumer,
             messages: None,
             retry: RetryPolicy::NATS.start(),
         })
+    }
+
+    /// The messages `from..=to` of the stream, in order, read past the
+    /// durable consumer. A durable consumer does not promise order across
+    /// a change of its leader: it can deliver a later message before
+    /// earlier ones it will only redeliver after `ack_wait`, and a fold
+    /// that ignores what is at or below its last sequence would then lose
+    /// them. The caller fills such a gap with this before folding on.
+    pub async fn read_range(&self, from: u64, to: u64) -> Result<Vec<Delivery>, ConsumeError> {
+        let mut missing = Vec::new();
+        if from <= to {
+            let filter = format!("{}.>", caddy_fleet_schema::subject::SUBJECT_ROOT);
+            replay(&self.stream, &filter, from, Some(to), |d| missing.push(d)).await?;
+        }
+        Ok(missing)
     }
 
     /// Where the consumer stands on the stream.
