@@ -91,7 +91,7 @@ pub const BUCKET: &str = "CADDY_FLEET_CHECKPOINTS";
 /// A snapshot is kept at least every this many stream sequences (so a
 /// point is at most this many messages from one: about half a second of
 /// folding on a small machine)…
-pub const SNAPSHOT_EVERY_MESSAGES: u64 = 50_000;
+pub const SNAPSHOT_EVERY_MESSAGES: u64 = 25_000;
 /// …and at least this often while messages come in.
 pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(3600);
 

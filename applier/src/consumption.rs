@@ -118,6 +118,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
         ..Unsaved::default()
     };
     let mut changed_since: Option<Instant> = None;
+    let mut last_delivery = Instant::now();
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     board.update(|v| v.consumer_attached = true);
@@ -131,6 +132,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
             // its ack until a checkpoint covers it.
             delivery = source.next() => {
                 let Some(delivery) = delivery else { break };
+                last_delivery = Instant::now();
                 // Everything before it first, in order: a durable consumer
                 // may deliver past messages it redelivers only later.
                 if delivery.seq > state.last_seq + 1 {
@@ -139,11 +141,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                             if !missing.is_empty() {
                                 stats.gap_filled(state.last_seq + 1, delivery.seq - 1, missing.len());
                             }
-                            for m in missing {
-                                if let Some(agent) = fold(&mut state, stats, m.seq, &m.subject, &m.payload) {
-                                    liveness.heard(agent);
-                                }
-                            }
+                            fold_all(&mut state, &mut liveness, stats, missing);
                         }
                         Err(error) => {
                             // Not folded, not held: the next delivery
@@ -193,6 +191,23 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
             // Periodically: did an agent go quiet or come back, how far
             // behind are we.
             _ = tick.tick() => {
+                // Quiet, yet the log goes further than the state: a
+                // delivery was lost in flight and would come back only
+                // after `ack_wait`. Read the rest from the log now.
+                if last_delivery.elapsed() >= STALLED {
+                    let end = tokio::time::timeout(LAG_TIMEOUT, source.log_end()).await.ok().flatten();
+                    if let Some(end) = end.filter(|end| *end > state.last_seq) {
+                        let from = state.last_seq + 1;
+                        if let Ok(Ok(missing)) = tokio::time::timeout(LAG_TIMEOUT * 5, source.read_range(from, end)).await {
+                            if !missing.is_empty() {
+                                stats.gap_filled(from, end, missing.len());
+                                fold_all(&mut state, &mut liveness, stats, missing);
+                                changed_since.get_or_insert_with(Instant::now);
+                                owner.changes.send_modify(|n| *n += 1);
+                            }
+                        }
+                    }
+                }
                 if liveness.expire(&state, config.agent_ttl, stats) {
                     changed_since.get_or_insert_with(Instant::now);
                     owner.changes.send_modify(|n| *n += 1);
@@ -225,6 +240,23 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
     board.update(|v| v.consumer_attached = false);
 }
 
+/// Folds messages read from the log past the consumer, in order.
+fn fold_all(
+    state: &mut RouteState,
+    liveness: &mut Liveness,
+    stats: &Stats,
+    messages: Vec<Delivery>,
+) {
+    for m in messages {
+        if let Some(agent) = fold(state, stats, m.seq, &m.subject, &m.payload) {
+            liveness.heard(agent);
+        }
+    }
+}
+
+/// No delivery for this long while the log goes further than the state:
+/// the rest is read from the log.
+const STALLED: Duration = Duration::from_secs(3);
 /// How long asking NATS for the consumer's lag may take.
 const LAG_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the last checkpoint at shutdown may take: stopping stays

@@ -548,6 +548,10 @@ impl crate::source::LogSource for Gappy {
         }
     }
 
+    async fn log_end(&mut self) -> Option<u64> {
+        Some(self.log.len() as u64)
+    }
+
     async fn read_range(
         &mut self,
         from: u64,
@@ -588,6 +592,44 @@ async fn messages_a_consumer_skips_are_read_in_order_before_later_ones() {
         (1..=6).all(|i| text.contains(&format!("g{i}.test")))
     })
     .await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_lost_in_flight_are_read_from_the_log_without_waiting_for_redelivery() {
+    let caddy = FakeCaddy::default();
+    let log: Vec<Event> = (1..=4u16)
+        .map(|seq| up("a1", &format!("l{seq}"), 9600 + seq))
+        .collect();
+    // 3 and 4 are in the log, but their deliveries were lost in flight.
+    let source = Gappy {
+        log,
+        delivered: [1, 2].into(),
+    };
+    let mut config = ApplierConfig::new("stalled", "http://fake");
+    config.translate = TranslateOptions::trusting();
+    let board = Arc::new(StatusBoard::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(run_with_caddy(
+        source,
+        Saved::default(),
+        RouteState::default(),
+        config,
+        caddy.clone(),
+        board,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let started = Instant::now();
+    until(Duration::from_secs(10), || {
+        let text = caddy.last_loaded();
+        (1..=4).all(|i| text.contains(&format!("l{i}.test")))
+    })
+    .await;
+    // Well before a 30 s ack_wait would have brought them back.
+    assert!(started.elapsed() < Duration::from_secs(10));
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }

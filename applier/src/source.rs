@@ -15,6 +15,13 @@ pub trait LogSource {
         async { None }
     }
 
+    /// The log's last sequence, if the source can tell (a durable
+    /// consumer can lose a delivery in flight and redeliver it only after
+    /// `ack_wait`; the log's end shows it is missing).
+    fn log_end(&mut self) -> impl Future<Output = Option<u64>> + Send {
+        async { None }
+    }
+
     /// The log's messages `from..=to`, in order, when the source skipped
     /// them (see [`DurableSource::read_range`]); sources that deliver in
     /// order have none to give.
@@ -35,6 +42,10 @@ impl LogSource for DurableSource {
 
     async fn lag(&mut self) -> Option<u64> {
         self.position().await.ok().map(|p| p.pending)
+    }
+
+    async fn log_end(&mut self) -> Option<u64> {
+        DurableSource::log_end(self).await.ok()
     }
 
     async fn read_range(&mut self, from: u64, to: u64) -> Result<Vec<Delivery>, ConsumeError> {

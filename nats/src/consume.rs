@@ -169,6 +169,11 @@ impl DurableSource {
         })
     }
 
+    /// The stream's last sequence now.
+    pub async fn log_end(&self) -> Result<u64, ConsumeError> {
+        Ok(self.stream.get_info().await?.state.last_sequence)
+    }
+
     /// The messages `from..=to` of the stream, in order, read past the
     /// durable consumer. A durable consumer does not promise order across
     /// a change of its leader: it can deliver a later message before
