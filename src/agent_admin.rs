@@ -212,9 +212,15 @@ pub fn add(
     let credentials_file = files.credentials_dir.join(format!("{agent}.env"));
     let credentials = format!("AGENT_ID={agent}\nNATS_USER={agent}\nNATS_PASSWORD={password}\n");
 
-    write(&files.nats_config, &nats)?;
-    write(&files.policy, &policy.to_string())?;
+    // The only new file first: a missing or unwritable credentials
+    // directory then leaves the NATS config and the policy untouched.
     write_private(&credentials_file, &credentials)?;
+    let written =
+        write(&files.nats_config, &nats).and_then(|()| write(&files.policy, &policy.to_string()));
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&credentials_file);
+        return Err(error);
+    }
     Ok(Added {
         password,
         credentials_file,
@@ -286,5 +292,31 @@ mod tests {
             nats_with("accounts { }", path, &agent, "x"),
             Err(AgentAdminError::NoSection { .. })
         ));
+    }
+
+    #[test]
+    fn a_missing_credentials_directory_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("agent-admin-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = AgentFiles {
+            nats_config: dir.join("nats.conf"),
+            policy: dir.join("policy.toml"),
+            credentials_dir: dir.join("missing"),
+        };
+        std::fs::write(&files.nats_config, CONF).unwrap();
+        std::fs::write(&files.policy, "[default]\n").unwrap();
+        let agent = AgentId::new("web-1").unwrap();
+        let error = add(&files, &agent, &["a.test".into()]).unwrap_err();
+        assert!(matches!(error, AgentAdminError::Write { .. }), "{error}");
+        assert_eq!(std::fs::read_to_string(&files.nats_config).unwrap(), CONF);
+        assert_eq!(
+            std::fs::read_to_string(&files.policy).unwrap(),
+            "[default]\n"
+        );
+        // Once the directory exists, the same command works.
+        std::fs::create_dir_all(&files.credentials_dir).unwrap();
+        let added = add(&files, &agent, &["a.test".into()]).unwrap();
+        assert!(added.credentials_file.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

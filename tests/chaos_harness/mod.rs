@@ -249,46 +249,53 @@ impl Drop for Cluster {
 /// A loopback TCP forwarder that can be cut: while cut, connections are
 /// closed and new ones refused (closed at once).
 pub struct Cut {
-    pub port: u16,
+    /// One local port per target.
+    pub ports: Vec<u16>,
     cut: Arc<AtomicBool>,
     generation: Arc<AtomicU64>,
 }
 
 impl Cut {
-    pub async fn start(target: (String, u16)) -> Cut {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+    /// Forwards one local port to each of `targets` (so a client given
+    /// every port fails over as it would between the real addresses).
+    pub async fn start(targets: Vec<(String, u16)>) -> Cut {
         let cut = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(AtomicU64::new(0));
-        let (c, g) = (cut.clone(), generation.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if c.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let (target, g) = (target.clone(), g.clone());
-                let born = g.load(Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect((target.0.as_str(), target.1)).await
-                    else {
-                        return;
-                    };
-                    let watch = async {
-                        while g.load(Ordering::SeqCst) == born {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    };
-                    tokio::select! {
-                        // Forwarding until either side closes.
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        // Cut: drop both ends.
-                        () = watch => {}
+        let mut ports = Vec::new();
+        for target in targets {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            ports.push(listener.local_addr().unwrap().port());
+            let (c, g) = (cut.clone(), generation.clone());
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if c.load(Ordering::SeqCst) {
+                        continue;
                     }
-                });
-            }
-        });
+                    let (target, g) = (target.clone(), g.clone());
+                    let born = g.load(Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let Ok(mut server) =
+                            TcpStream::connect((target.0.as_str(), target.1)).await
+                        else {
+                            return;
+                        };
+                        let watch = async {
+                            while g.load(Ordering::SeqCst) == born {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        };
+                        tokio::select! {
+                            // Forwarding until either side closes.
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            // Cut: drop both ends.
+                            () = watch => {}
+                        }
+                    });
+                }
+            });
+        }
         Cut {
-            port,
+            ports,
             cut,
             generation,
         }
@@ -353,6 +360,7 @@ pub struct Fleet {
     pub events: AtomicU64,
     rng: Mutex<u64>,
     pub cut: Cut,
+    outboxes: Vec<Arc<Outbox>>,
     _senders: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -375,15 +383,25 @@ impl Fleet {
                 .await
                 .expect("create an ingest stream");
         }
-        let first = &cluster.nodes[0].1;
-        let cut = Cut::start((first.clone(), 4222)).await;
+        let cut = Cut::start(
+            cluster
+                .nodes
+                .iter()
+                .map(|(_, client_ip, _)| (client_ip.clone(), 4222))
+                .collect(),
+        )
+        .await;
         let mut sinks = Vec::new();
         let mut senders = Vec::new();
+        let mut outboxes = Vec::new();
         for (a, agent) in agents.iter().enumerate() {
             let urls = if a == 0 {
                 cluster.urls()
             } else {
-                vec![format!("nats://127.0.0.1:{}", cut.port)]
+                cut.ports
+                    .iter()
+                    .map(|port| format!("nats://127.0.0.1:{port}"))
+                    .collect()
             };
             let client = async_nats::ConnectOptions::new()
                 .retry_on_initial_connect()
@@ -393,6 +411,7 @@ impl Fleet {
                 .expect("connect an agent");
             let js = jetstream::new(client);
             let outbox = Arc::new(Outbox::default());
+            outboxes.push(outbox.clone());
             let nonce = unique();
             senders.push(tokio::spawn(run_sender(
                 outbox.clone(),
@@ -426,6 +445,7 @@ impl Fleet {
             events: AtomicU64::new(0),
             rng: Mutex::new(0x9e37_79b9_7f4a_7c15),
             cut,
+            outboxes,
             _senders: senders,
         };
         for i in 0..fleet.slots.len() {
@@ -483,9 +503,16 @@ impl Fleet {
 
     /// (lost, phantom) now, through Caddy.
     pub async fn check(&self, caddy: &Caddy) -> (usize, usize) {
+        let wrong = self.wrong(caddy).await;
+        let lost = wrong.iter().filter(|w| w.starts_with("lost")).count();
+        (lost, wrong.len() - lost)
+    }
+
+    /// Every container Caddy is wrong about: `lost <agent>/<name>` or
+    /// `phantom <agent>/<name>`.
+    pub async fn wrong(&self, caddy: &Caddy) -> Vec<String> {
         let up = self.up.lock().unwrap().clone();
-        let mut lost = 0;
-        let mut phantom = 0;
+        let mut wrong = Vec::new();
         for (slot, up) in self.slots.iter().zip(up) {
             let own = format!("{}/{}", self.agents[slot.agent], slot.name);
             let answer = caddy.get(&slot.domain).await;
@@ -493,13 +520,18 @@ impl Fleet {
                 .as_ref()
                 .is_some_and(|(status, body)| *status == 200 && *body == own);
             if up && !answered {
-                lost += 1;
+                wrong.push(format!("lost {own}"));
             }
             if !up && answered {
-                phantom += 1;
+                wrong.push(format!("phantom {own}"));
             }
         }
-        (lost, phantom)
+        wrong
+    }
+
+    /// Messages each agent's outbox still holds.
+    pub fn unsent(&self) -> Vec<usize> {
+        self.outboxes.iter().map(|o| o.len()).collect()
     }
 
     /// Probes the stable sites until `stop`; returns how many probes failed.
@@ -621,6 +653,13 @@ pub async fn scenario<F: std::future::Future<Output = usize>>(
         outcome = fleet.check(caddy).await;
     }
     let converge_s = started.elapsed().as_secs_f64();
+    if outcome != (0, 0) {
+        println!(
+            "chaos: {name} still wrong: {:?}; unsent per agent: {:?}",
+            fleet.wrong(caddy).await,
+            fleet.unsent()
+        );
+    }
     let events = fleet.events.load(Ordering::Relaxed) - before;
     println!(
         "chaos: {name} events={events} kills={kills} lost={} phantom={} failed_probes={failed_probes} converge_s={converge_s:.2}",
