@@ -360,6 +360,8 @@ pub struct Fleet {
     pub events: AtomicU64,
     rng: Mutex<u64>,
     pub cut: Cut,
+    /// The applier's `/status`, for what a wrong ending looks like there.
+    pub status: Mutex<Option<String>>,
     outboxes: Vec<Arc<Outbox>>,
     _senders: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -445,6 +447,7 @@ impl Fleet {
             events: AtomicU64::new(0),
             rng: Mutex::new(0x9e37_79b9_7f4a_7c15),
             cut,
+            status: Mutex::new(None),
             outboxes,
             _senders: senders,
         };
@@ -589,6 +592,17 @@ impl ApplierProcess {
         applier
     }
 
+    /// The applier's status endpoints.
+    pub fn status_url(&self) -> String {
+        let listen = self
+            .args
+            .iter()
+            .find(|(k, _)| k == "STATUS_LISTEN")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        format!("http://{listen}")
+    }
+
     fn spawn(&mut self) {
         let mut command = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"));
         command
@@ -654,10 +668,36 @@ pub async fn scenario<F: std::future::Future<Output = usize>>(
     }
     let converge_s = started.elapsed().as_secs_f64();
     if outcome != (0, 0) {
+        let url = fleet.status.lock().unwrap().clone();
+        let status = match url {
+            Some(url) => get_json(&format!("{url}/status")).await,
+            None => None,
+        };
+        let applier = status.map(|s| {
+            format!(
+                "folded_seq={} pushed_seq={} consumer_lag={} converged={}",
+                s["folded_seq"], s["last_seq"], s["consumer_lag"], s["converged"]
+            )
+        });
         println!(
-            "chaos: {name} still wrong: {:?}; unsent per agent: {:?}",
+            "chaos: {name} still wrong: {:?}; unsent per agent: {:?}; applier: {applier:?}",
             fleet.wrong(caddy).await,
             fleet.unsent()
+        );
+        // Late or never: how long until it is right (the outcome counts
+        // as wrong either way).
+        let late = Instant::now();
+        while fleet.check(caddy).await != (0, 0) && late.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        println!(
+            "chaos: {name} right again {:.2} s after the check ({})",
+            late.elapsed().as_secs_f64() + converge_s,
+            if fleet.check(caddy).await == (0, 0) {
+                "late"
+            } else {
+                "never, within 90 s"
+            }
         );
     }
     let events = fleet.events.load(Ordering::Relaxed) - before;
@@ -687,6 +727,7 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
     )
     .await;
     let fleet = Fleet::start(&cluster, &settings, 40, 6).await;
+    *fleet.status.lock().unwrap() = Some(applier.status_url());
     wait_for(
         "the fleet to be served",
         Duration::from_secs(60),
