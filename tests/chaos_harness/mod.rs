@@ -636,8 +636,11 @@ impl Drop for ApplierProcess {
 
 /// The outcome of one scenario.
 pub struct Outcome {
+    /// Counted once the scenario had 30 s to converge.
     pub lost: usize,
     pub phantom: usize,
+    /// Right in the end (within 90 s): nothing lost for good, however late.
+    pub settled: bool,
 }
 
 /// Runs `disrupt` while the fleet churns `events` changes and the stable
@@ -667,6 +670,7 @@ pub async fn scenario<F: std::future::Future<Output = usize>>(
         outcome = fleet.check(caddy).await;
     }
     let converge_s = started.elapsed().as_secs_f64();
+    let mut settled = true;
     if outcome != (0, 0) {
         let url = fleet.status.lock().unwrap().clone();
         let status = match url {
@@ -690,10 +694,11 @@ pub async fn scenario<F: std::future::Future<Output = usize>>(
         while fleet.check(caddy).await != (0, 0) && late.elapsed() < Duration::from_secs(60) {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        settled = fleet.check(caddy).await == (0, 0);
         println!(
-            "chaos: {name} right again {:.2} s after the check ({})",
+            "chaos: {name} right again {:.2} s after the scenario ({})",
             late.elapsed().as_secs_f64() + converge_s,
-            if fleet.check(caddy).await == (0, 0) {
+            if settled {
                 "late"
             } else {
                 "never, within 90 s"
@@ -708,6 +713,7 @@ pub async fn scenario<F: std::future::Future<Output = usize>>(
     Outcome {
         lost: outcome.0,
         phantom: outcome.1,
+        settled,
     }
 }
 
