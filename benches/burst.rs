@@ -52,8 +52,11 @@ async fn burst() {
             .expect("create burst container");
         names.push(created.id);
     }
-    // Wait for the applier's first (empty) push to settle, then count.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Count from when the applier's first (empty) push is done.
+    wait_for("the first push", Duration::from_secs(30), || async {
+        board.view().converged.then_some(())
+    })
+    .await;
     let before = board.stats.snapshot();
     let started = Instant::now();
     futures::stream::iter(names.iter())
@@ -83,8 +86,11 @@ async fn burst() {
         let answer = caddy.get(&host).await;
         assert_eq!(answer, Some((200, format!("burst-{i}"))), "{host}");
     }
-    // Let any last push go out before counting.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Count once Caddy runs the newest state (no push left to go out).
+    wait_for("the last push", Duration::from_secs(30), || async {
+        board.view().converged.then_some(())
+    })
+    .await;
     let after = board.stats.snapshot();
     let pushes = after.pushes - before.pushes;
     let folded = after.events_folded - before.events_folded;

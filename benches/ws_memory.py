@@ -58,7 +58,7 @@ async def run(delay, clients, pushes, caddy_bin):
                 urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/config/", timeout=1).read()
                 break
             except Exception:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # Caddy not listening yet: poll again
         server = await websockets.serve(echo, "127.0.0.1", ECHO)
         sockets = []
         for i in range(clients):
@@ -70,6 +70,8 @@ async def run(delay, clients, pushes, caddy_bin):
         for p in range(pushes):
             load(caddyfile(delay, p + 1))
         took = time.monotonic() - started
+        # /load returns before the old servers are stopped; RSS is read after
+        # a second, a measurement delay, not a wait for a condition.
         await asyncio.sleep(1)
         rss_pushed = rss_mib(caddy.pid)
         alive = 0

@@ -13,7 +13,6 @@
 //! `select!`; a push in flight is the only other thing the task does, and
 //! consumption goes on meanwhile (see [`crate::consumption`]).
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use caddy_fleet_nats::retry::{Retry, RetryPolicy};
@@ -21,7 +20,6 @@ use caddy_fleet_schema::routes::route_rows;
 use caddy_fleet_schema::translate::{
     translate_owned_cached, ContainerUnit, SiteOwners, TranslationCache,
 };
-use caddy_fleet_schema::AgentId;
 use tokio::time::Instant;
 
 use crate::caddy::CaddyApi;
@@ -60,7 +58,7 @@ pub async fn run<C: CaddyApi>(
             let Some(snapshot) = handle.snapshot().await else {
                 return;
             };
-            let (units, expired) = render(&snapshot, &config, &mut owners, &mut cache, stats);
+            let units = render(&snapshot, &config, &mut owners, &mut cache, stats);
             let started = std::time::Instant::now();
             match converger.converge(&units).await {
                 Ok(outcome) => {
@@ -83,7 +81,7 @@ pub async fn run<C: CaddyApi>(
                 }
             }
             let converged = !due && !handle.has_changed();
-            publish_status(board, &snapshot, &units, &converger, &expired, converged);
+            publish_status(board, &snapshot, &units, &converger, converged);
             continue;
         }
         let retry_deadline = retry_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -150,7 +148,7 @@ fn render(
     owners: &mut SiteOwners,
     cache: &mut TranslationCache,
     stats: &crate::telemetry::Stats,
-) -> (Vec<ContainerUnit>, BTreeSet<AgentId>) {
+) -> Vec<ContainerUnit> {
     let (units, label_rejects, new_owners) = translate_owned_cached(
         &snapshot.state,
         &config.translate,
@@ -160,7 +158,7 @@ fn render(
     );
     *owners = new_owners;
     stats.rendered(label_rejects);
-    (units, snapshot.expired.clone())
+    units
 }
 
 /// Re-reads the policy file into `config`; on error keeps the policy in
@@ -209,7 +207,6 @@ fn publish_status<C: CaddyApi>(
     snapshot: &Snapshot,
     units: &[ContainerUnit],
     converger: &Converger<C>,
-    expired: &BTreeSet<AgentId>,
     converged: bool,
 ) {
     // The routes Caddy runs: the state's table, limited to the containers
@@ -219,7 +216,7 @@ fn publish_status<C: CaddyApi>(
     for row in &mut routes {
         row.containers.retain(|c| {
             accepted.contains(c.container_id.as_str())
-                && !expired.iter().any(|a| a.as_str() == c.agent)
+                && !snapshot.expired.iter().any(|a| a.as_str() == c.agent)
         });
     }
     routes.retain(|row| !row.containers.is_empty());

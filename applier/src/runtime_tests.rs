@@ -216,7 +216,20 @@ struct Applier {
 }
 
 impl Applier {
+    /// An applier fed by a channel the test writes with [`Applier::send`].
     fn start(
+        caddy: &FakeCaddy,
+        checkpoints: impl CheckpointStore + Sync + 'static,
+        tune: impl FnOnce(&mut ApplierConfig),
+    ) -> Self {
+        let (log, source) = mpsc::channel(1024);
+        Applier::start_on(source, log, caddy, checkpoints, tune)
+    }
+
+    /// An applier reading `source`; `log` is what [`Applier::send`] writes.
+    fn start_on(
+        source: impl crate::source::LogSource + Send + 'static,
+        log: mpsc::Sender<Delivery>,
         caddy: &FakeCaddy,
         checkpoints: impl CheckpointStore + Sync + 'static,
         tune: impl FnOnce(&mut ApplierConfig),
@@ -226,7 +239,6 @@ impl Applier {
         config.health_check_interval = Duration::from_secs(2);
         config.checkpoint_interval = Duration::from_secs(1);
         tune(&mut config);
-        let (log, source) = mpsc::channel(1024);
         let (stop, stopped) = oneshot::channel::<()>();
         let board = Arc::new(StatusBoard::default());
         let task_board = board.clone();
@@ -457,7 +469,8 @@ async fn a_silent_agent_expires_after_the_ttl_and_comes_back_when_heard() {
         caddy.last_loaded().contains("q.test")
     })
     .await;
-    // Only "chatty" keeps talking.
+    // Only "chatty" keeps talking, a heartbeat every 2 s: the sleep is the
+    // heartbeat interval (on the paused clock), not a wait for a condition.
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_secs(2)).await;
         applier
@@ -572,28 +585,13 @@ async fn messages_a_consumer_skips_are_read_in_order_before_later_ones() {
         log,
         delivered: [1, 2, 5, 3, 4, 6].into(),
     };
-    let mut config = ApplierConfig::new("gaps", "http://fake");
-    config.translate = TranslateOptions::trusting();
-    let board = Arc::new(StatusBoard::default());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(run_with_caddy(
-        source,
-        Saved::default(),
-        RouteState::default(),
-        config,
-        caddy.clone(),
-        board.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let applier = Applier::start_on(source, mpsc::channel(1).0, &caddy, Saved::default(), |_| {});
     until(Duration::from_secs(5), || {
         let text = caddy.last_loaded();
         (1..=6).all(|i| text.contains(&format!("g{i}.test")))
     })
     .await;
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    applier.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -607,21 +605,7 @@ async fn messages_lost_in_flight_are_read_from_the_log_without_waiting_for_redel
         log,
         delivered: [1, 2].into(),
     };
-    let mut config = ApplierConfig::new("stalled", "http://fake");
-    config.translate = TranslateOptions::trusting();
-    let board = Arc::new(StatusBoard::default());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(run_with_caddy(
-        source,
-        Saved::default(),
-        RouteState::default(),
-        config,
-        caddy.clone(),
-        board,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let applier = Applier::start_on(source, mpsc::channel(1).0, &caddy, Saved::default(), |_| {});
     let started = Instant::now();
     until(Duration::from_secs(10), || {
         let text = caddy.last_loaded();
@@ -630,6 +614,5 @@ async fn messages_lost_in_flight_are_read_from_the_log_without_waiting_for_redel
     .await;
     // Well before a 30 s ack_wait would have brought them back.
     assert!(started.elapsed() < Duration::from_secs(10));
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    applier.stop().await;
 }

@@ -46,7 +46,6 @@ fn docker(args: &[&str]) -> Option<String> {
 
 /// A three-node NATS cluster on private networks.
 pub struct Cluster {
-    label: String,
     clients: String,
     routes: String,
     /// Node names, client addresses and route addresses.
@@ -146,7 +145,6 @@ impl Cluster {
             docker(&["start", name]).expect("start a NATS node");
         }
         let cluster = Cluster {
-            label,
             clients,
             routes,
             nodes,
