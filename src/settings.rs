@@ -38,6 +38,7 @@ use caddy_fleet_publisher::config::InvalidFilterLabel;
 use caddy_fleet_publisher::{FilterLabel, PublisherConfig};
 use caddy_fleet_schema::policy::Policy;
 use caddy_fleet_schema::translate::{LocalNetwork, TranslateOptions};
+use caddy_fleet_schema::shard::DomainShard;
 use caddy_fleet_schema::{AgentId, InvalidAgentId};
 use clap::builder::Resettable;
 use clap::parser::ValueSource;
@@ -187,6 +188,11 @@ pub struct Settings {
     #[arg(long, env = "STREAM_CLOSE_DELAY", global = true, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     #[serde(deserialize_with = "text::duration")]
     pub stream_close_delay: Duration,
+
+    /// Serve only the sites whose host matches one of these patterns (comma-separated, the policy's syntax: a.test, *.a.test, *), so several appliers, each with its own Caddy, split one fleet. Other sites are ignored, not refused. Default: every site.
+    #[arg(long, env = "APPLIER_DOMAINS", global = true, value_name = "PATTERNS")]
+    #[serde(default)]
+    pub applier_domains: Option<String>,
 
     /// How often a publisher re-sends its full container set.
     #[arg(long, env = "SYNC_INTERVAL", global = true, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
@@ -610,6 +616,12 @@ impl Settings {
             label_prefix: self.docker_label_prefix.clone(),
             policy: policy.with_local(local.cloned()),
             stream_close_delay: Some(self.stream_close_delay).filter(|d| !d.is_zero()),
+            shard: self
+                .applier_domains
+                .as_deref()
+                .map(DomainShard::parse)
+                .transpose()
+                .map_err(|e| rejected("APPLIER_DOMAINS", e.to_string()))?,
             ..TranslateOptions::default()
         };
         if let (Some(agent), Some(network)) = (local, &self.caddy_ingress_network) {

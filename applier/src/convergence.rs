@@ -50,6 +50,10 @@ pub async fn run<C: CaddyApi>(
     if !config.translate.policy.from_file() {
         tracing::warn!("No POLICY_FILE: only the local agent's containers are served; remote agents' containers are refused until a policy grants them (see SECURITY.md).");
     }
+    if let Some(shard) = &config.translate.shard {
+        tracing::info!(patterns = ?shard.patterns(), "Serving only the sites these host patterns match (APPLIER_DOMAINS).");
+        board.update(|v| v.shard = Some(shard.patterns().to_vec()));
+    }
     let mut health = tokio::time::interval(config.health_check_interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     health.reset();
@@ -58,7 +62,7 @@ pub async fn run<C: CaddyApi>(
             let Some(snapshot) = handle.snapshot().await else {
                 return;
             };
-            let units = render(&snapshot, &config, &mut owners, &mut cache, stats);
+            let (units, outside) = render(&snapshot, &config, &mut owners, &mut cache, stats);
             let started = std::time::Instant::now();
             match converger.converge(&units).await {
                 Ok(outcome) => {
@@ -81,7 +85,7 @@ pub async fn run<C: CaddyApi>(
                 }
             }
             let converged = !due && !handle.has_changed();
-            publish_status(board, &snapshot, &units, &converger, converged);
+            publish_status(board, &snapshot, &units, outside, &converger, converged);
             continue;
         }
         let retry_deadline = retry_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -141,14 +145,15 @@ fn next_delay(retry: &mut Retry) -> Duration {
 }
 
 /// The containers to push, translated from `snapshot` (only those whose
-/// facts changed are translated again).
+/// facts changed are translated again) and cut to this applier's shard,
+/// and how many site addresses the shard leaves to others.
 fn render(
     snapshot: &Snapshot,
     config: &ApplierConfig,
     owners: &mut SiteOwners,
     cache: &mut TranslationCache,
     stats: &crate::telemetry::Stats,
-) -> Vec<ContainerUnit> {
+) -> (Vec<ContainerUnit>, usize) {
     let (units, label_rejects, new_owners) = translate_owned_cached(
         &snapshot.state,
         &config.translate,
@@ -158,7 +163,15 @@ fn render(
     );
     *owners = new_owners;
     stats.rendered(label_rejects);
-    units
+    // Ownership was decided on every container above, the same in every
+    // shard; only then are other shards' sites set aside.
+    match &config.translate.shard {
+        Some(shard) => {
+            let (units, outside) = shard.keep(units);
+            (units, outside.iter().map(|o| o.addresses.len()).sum())
+        }
+        None => (units, 0),
+    }
 }
 
 /// Re-reads the policy file into `config`; on error keeps the policy in
@@ -206,6 +219,7 @@ fn publish_status<C: CaddyApi>(
     board: &StatusBoard,
     snapshot: &Snapshot,
     units: &[ContainerUnit],
+    sites_outside_shard: usize,
     converger: &Converger<C>,
     converged: bool,
 ) {
@@ -248,5 +262,6 @@ fn publish_status<C: CaddyApi>(
         v.last_seq = snapshot.state.last_seq;
         v.routes = routes;
         v.rejected = rejected;
+        v.sites_outside_shard = sites_outside_shard;
     });
 }

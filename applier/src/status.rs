@@ -33,6 +33,11 @@ pub struct StatusView {
     pub routes: Vec<caddy_fleet_schema::routes::RouteRow>,
     /// Containers left out, with the reason.
     pub rejected: Vec<RejectedView>,
+    /// The host patterns this applier serves (`APPLIER_DOMAINS`); `None`
+    /// when it serves every site.
+    pub shard: Option<Vec<String>>,
+    /// Site addresses of served containers left to other shards.
+    pub sites_outside_shard: usize,
 }
 
 /// One agent.

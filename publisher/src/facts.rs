@@ -19,6 +19,54 @@ pub fn is_watched(labels: &HashMap<String, String>, config: &PublisherConfig) ->
             .is_none_or(|f| f.matches(labels.iter()))
 }
 
+/// Whether a `kill` event with `signal` (Docker's event attribute: a number)
+/// asks the inspected container to stop: the container's own stop signal
+/// (what `docker stop` sends first), or one of the signals that end a
+/// process by convention (`INT`, `QUIT`, `KILL`, `TERM`). Other signals
+/// (`HUP`, `USR1`…) are commonly reloads and change nothing.
+pub fn is_stop_intent(inspect: &ContainerInspectResponse, signal: &str) -> bool {
+    let Some(signal) = signal_number(signal) else {
+        return false;
+    };
+    let configured = inspect
+        .config
+        .as_ref()
+        .and_then(|c| c.stop_signal.as_deref())
+        .and_then(signal_number)
+        .unwrap_or(SIGTERM);
+    signal == configured || [2, 3, 9, SIGTERM].contains(&signal)
+}
+
+const SIGTERM: u32 = 15;
+
+/// A Linux signal's number from Docker's spellings: `15`, `TERM`,
+/// `SIGTERM`, `sigterm`, `SIGRTMIN+3`.
+fn signal_number(signal: &str) -> Option<u32> {
+    let signal = signal.trim();
+    if let Ok(number) = signal.parse() {
+        return Some(number);
+    }
+    let upper = signal.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if let Some(offset) = name.strip_prefix("RTMIN+") {
+        return offset.parse::<u32>().ok().map(|n| 34 + n);
+    }
+    let number = match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => SIGTERM,
+        "WINCH" => 28,
+        "PWR" => 30,
+        "RTMIN" => 34,
+        _ => return None,
+    };
+    Some(number)
+}
+
 /// The facts of one inspected container, or `None` if it is not watched.
 pub fn from_inspect(
     inspect: &ContainerInspectResponse,
@@ -118,4 +166,42 @@ pub fn from_inspect(
         health,
         observed_at_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use bollard::models::ContainerConfig;
+
+    use super::*;
+
+    fn with_stop_signal(stop_signal: Option<&str>) -> ContainerInspectResponse {
+        ContainerInspectResponse {
+            config: Some(ContainerConfig {
+                stop_signal: stop_signal.map(String::from),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn signals_that_end_a_process_are_stop_intents() {
+        let default = with_stop_signal(None);
+        for signal in ["15", "9", "2", "3"] {
+            assert!(is_stop_intent(&default, signal), "{signal}");
+        }
+        for signal in ["1", "10", "12", "28", "", "x"] {
+            assert!(!is_stop_intent(&default, signal), "{signal}");
+        }
+    }
+
+    #[test]
+    fn the_containers_own_stop_signal_is_a_stop_intent() {
+        // systemd in a container stops on SIGRTMIN+3; nginx images use QUIT.
+        let systemd = with_stop_signal(Some("SIGRTMIN+3"));
+        assert!(is_stop_intent(&systemd, "37"));
+        let hup = with_stop_signal(Some("hup"));
+        assert!(is_stop_intent(&hup, "1"));
+        assert!(!is_stop_intent(&with_stop_signal(Some("SIGTERM")), "1"));
+    }
 }

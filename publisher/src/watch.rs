@@ -6,20 +6,20 @@
 //! container and a `sync`. When the stream fails or ends, the loop waits
 //! ([`RetryPolicy::DOCKER`](caddy_fleet_nats::retry::RetryPolicy::DOCKER)) and starts a new session, which re-syncs.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::models::{EventMessage, EventMessageTypeEnum};
 use bollard::query_parameters::{EventsOptions, ListContainersOptionsBuilder};
 use bollard::Docker;
-use caddy_fleet_schema::{AgentSync, ContainerDown, Event, Heartbeat};
+use caddy_fleet_schema::{AgentSync, ContainerDown, ContainerState, Event, Heartbeat};
 use futures::StreamExt;
 
 use caddy_fleet_nats::retry::RetryPolicy;
 
 use crate::config::PublisherConfig;
-use crate::facts::{from_inspect, is_watched};
+use crate::facts::{from_inspect, is_stop_intent, is_watched};
 use crate::sink::EventSink;
 
 /// Events that can change what the applier should route: container
@@ -71,6 +71,7 @@ pub async fn run<S: EventSink>(
         docker,
         config,
         known: BTreeSet::new(),
+        stopping: BTreeMap::new(),
     };
     let mut retry = RetryPolicy::DOCKER.start();
     loop {
@@ -106,6 +107,13 @@ struct Watcher {
     config: PublisherConfig,
     /// IDs of containers whose `up` was published and not yet followed by a `down`.
     known: BTreeSet<String>,
+    /// IDs of running containers Docker was asked to stop (a `kill` event
+    /// with a stop signal) that have not died or started since: published
+    /// as `stopping`, so their upstreams are withdrawn while they finish
+    /// the requests in flight. The value is Docker's `StartedAt` of the run
+    /// that was asked to stop: a container found started again (an event
+    /// missed while the stream was down) is no longer stopping.
+    stopping: BTreeMap<String, Option<String>>,
 }
 
 impl Watcher {
@@ -169,6 +177,7 @@ impl Watcher {
                 live.insert(id);
             }
         }
+        self.stopping.retain(|id, _| live.contains(id));
         self.known = live;
         self.sync(sink).await?;
 
@@ -219,6 +228,10 @@ impl Watcher {
         let Some(id) = actor.id else { return Ok(()) };
         let action = event.action.unwrap_or_default();
         tracing::debug!(container = %id, %action, "Docker event.");
+        if matches!(action.as_str(), "die" | "start" | "destroy") {
+            // Stopped, or started again: whatever was asked is over.
+            self.stopping.remove(&id);
+        }
         if action == "destroy" {
             if self.known.remove(&id) {
                 let down = Event::Down(ContainerDown {
@@ -234,7 +247,11 @@ impl Watcher {
         if !self.known.contains(&id) && !is_watched(&labels, &self.config) {
             return Ok(());
         }
-        if self.refresh(&id, sink).await? {
+        let kill_signal = match action.as_str() {
+            "kill" => labels.get("signal").map(String::as_str),
+            _ => None,
+        };
+        if self.refresh_after(&id, kill_signal, sink).await? {
             self.known.insert(id);
         }
         Ok(())
@@ -243,6 +260,18 @@ impl Watcher {
     /// Inspects one container and publishes its facts (or its removal).
     /// Returns whether the container exists and is watched.
     async fn refresh<S: EventSink>(&mut self, id: &str, sink: &mut S) -> Result<bool, WatchError> {
+        self.refresh_after(id, None, sink).await
+    }
+
+    /// [`Self::refresh`] after a `kill` event with `kill_signal`, if any: a
+    /// signal that asks the container to stop marks it `stopping` until it
+    /// dies or starts again.
+    async fn refresh_after<S: EventSink>(
+        &mut self,
+        id: &str,
+        kill_signal: Option<&str>,
+        sink: &mut S,
+    ) -> Result<bool, WatchError> {
         let inspected = match tokio::time::timeout(
             DOCKER_CALL_TIMEOUT,
             self.docker.inspect_container(id, None),
@@ -257,7 +286,17 @@ impl Watcher {
         };
         match inspected {
             Ok(inspect) => match from_inspect(&inspect, &self.config, now_ms()) {
-                Some(facts) => {
+                Some(mut facts) => {
+                    let started_at = inspect.state.as_ref().and_then(|s| s.started_at.clone());
+                    if kill_signal.is_some_and(|signal| is_stop_intent(&inspect, signal)) {
+                        self.stopping.insert(id.to_string(), started_at.clone());
+                    }
+                    if self.stopping.get(id).is_some_and(|run| run != &started_at) {
+                        self.stopping.remove(id);
+                    }
+                    if facts.state == ContainerState::Running && self.stopping.contains_key(id) {
+                        facts.state = ContainerState::Stopping;
+                    }
                     let up = Event::Up(facts);
                     if let Err(error) = up.check_bounds(&self.config.label_prefix) {
                         // The applier would refuse it: say so here, where
@@ -273,6 +312,7 @@ impl Watcher {
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => {
+                self.stopping.remove(id);
                 if self.known.remove(id) {
                     let down = Event::Down(ContainerDown {
                         agent: self.config.agent.clone(),

@@ -75,6 +75,13 @@ pub struct PortBinding {
 pub enum ContainerState {
     Created,
     Running,
+    /// Running, but Docker has been asked to stop it (a `kill` event with
+    /// the container's stop signal, as `docker stop` sends before the
+    /// grace period): it gets no new requests while it finishes the ones
+    /// in flight. Added after the first release: an older applier skips
+    /// these messages (a decode error) and withdraws the container only
+    /// when it exits.
+    Stopping,
     Paused,
     Restarting,
     Exited,
@@ -297,8 +304,8 @@ impl Event {
 }
 
 impl ContainerFacts {
-    /// Whether the container should receive traffic: running, not paused,
-    /// and not failing its healthcheck.
+    /// Whether the container should receive traffic: running (not paused,
+    /// not being stopped) and not failing its healthcheck.
     pub fn is_routable(&self) -> bool {
         self.state == ContainerState::Running && self.health != Health::Unhealthy
     }

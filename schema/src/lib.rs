@@ -16,6 +16,8 @@
 //! - [`limits`]: the bounds every agent's input is held to.
 //! - [`policy`], [`restrict`]: which sites and upstreams each agent may
 //!   serve, and the restricted grammar untrusted agents' labels must keep.
+//! - [`shard`]: which sites one applier serves when several split a fleet
+//!   (`APPLIER_DOMAINS`).
 //! - [`routes`]: route tables, their differences, and explanations for people.
 //! - [`history`]: what each message of the log changed, in words.
 //! - [`translate`]: container facts → one merged Caddyfile, with upstreams
@@ -30,6 +32,7 @@ pub mod limits;
 pub mod policy;
 pub mod restrict;
 pub mod routes;
+pub mod shard;
 pub mod state;
 pub mod subject;
 pub mod template;

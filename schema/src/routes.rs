@@ -233,6 +233,15 @@ pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> 
                         format!("refused by policy: {}", refusal.reason)
                     }
                 });
+            } else if let Some(shard) = options
+                .shard
+                .as_ref()
+                .filter(|shard| !shard.serves_host(domain))
+            {
+                entry.left_out = Some(format!(
+                    "ignored: outside this applier's APPLIER_DOMAINS ({}); another shard serves it",
+                    shard.patterns().join(",")
+                ));
             } else {
                 match crate::translate::translate_container(facts, options) {
                     Err(error) => entry.left_out = Some(format!("labels rejected: {error}")),
@@ -363,6 +372,30 @@ mod tests {
                 .contains("no published port for 80/tcp"),
             "{why_b:?}"
         );
+    }
+
+    #[test]
+    fn explain_says_a_stopping_container_and_another_shards_site_are_left_out() {
+        let mut opts = TranslateOptions::trusting();
+        opts.shard = Some(crate::shard::DomainShard::parse("a.test").unwrap());
+        let mut s = RouteState::default();
+        s.apply(1, &up("a1", "c1", "a.test", 8001, ContainerState::Stopping));
+        s.apply(2, &up("a1", "c2", "a.test", 8002, ContainerState::Running));
+        s.apply(3, &up("a1", "c3", "b.test", 8003, ContainerState::Running));
+        let why = explain(&s, &opts, "a.test");
+        let left_out = |id: &str| {
+            why.iter()
+                .find(|e| e.container_id == id)
+                .and_then(|e| e.left_out.clone())
+        };
+        assert!(left_out("c1").unwrap().contains("state stopping"), "{why:?}");
+        assert_eq!(left_out("c2"), None);
+        let why_b = explain(&s, &opts, "b.test");
+        assert!(
+            why_b[0].left_out.as_ref().unwrap().starts_with("ignored: outside this applier's APPLIER_DOMAINS (a.test)"),
+            "{why_b:?}"
+        );
+        assert!(why_b[0].upstreams.is_empty());
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub struct TranslateOptions {
     /// stream open this long after a push unloads its config, instead of
     /// closing it at once.
     pub stream_close_delay: Option<Duration>,
+    /// The sites this applier serves when several split the fleet
+    /// (`APPLIER_DOMAINS`); `None` serves every site. Applied after
+    /// ownership is decided ([`crate::shard`]), so it never changes who
+    /// owns a site.
+    pub shard: Option<crate::shard::DomainShard>,
 }
 
 /// Reaching the local agent's containers on a Docker network, as
@@ -58,6 +63,7 @@ impl Default for TranslateOptions {
             policy: Policy::default(),
             caddy_addresses: BTreeSet::new(),
             stream_close_delay: None,
+            shard: None,
         }
     }
 }
