@@ -37,8 +37,8 @@ use caddy_fleet_nats::{NatsAuth, NatsConfig, NatsTls, StreamSettings};
 use caddy_fleet_publisher::config::InvalidFilterLabel;
 use caddy_fleet_publisher::{FilterLabel, PublisherConfig};
 use caddy_fleet_schema::policy::Policy;
-use caddy_fleet_schema::translate::{LocalNetwork, TranslateOptions};
 use caddy_fleet_schema::shard::DomainShard;
+use caddy_fleet_schema::translate::{LocalNetwork, TranslateOptions};
 use caddy_fleet_schema::{AgentId, InvalidAgentId};
 use clap::builder::Resettable;
 use clap::parser::ValueSource;
@@ -188,6 +188,11 @@ pub struct Settings {
     #[arg(long, env = "STREAM_CLOSE_DELAY", global = true, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     #[serde(deserialize_with = "text::duration")]
     pub stream_close_delay: Duration,
+
+    /// How long a generated reverse_proxy keeps trying the site's upstreams when the one it picked cannot be reached (Caddy's lb_try_duration; it retries only what is safe); 0s turns it off. A label's own lb_try_duration or lb_retries wins.
+    #[arg(long, env = "PROXY_TRY_DURATION", global = true, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[serde(deserialize_with = "text::duration")]
+    pub proxy_try_duration: Duration,
 
     /// Serve only the sites whose host matches one of these patterns (comma-separated, the policy's syntax: a.test, *.a.test, *), so several appliers, each with its own Caddy, split one fleet. Other sites are ignored, not refused. Default: every site.
     #[arg(long, env = "APPLIER_DOMAINS", global = true, value_name = "PATTERNS")]
@@ -616,6 +621,7 @@ impl Settings {
             label_prefix: self.docker_label_prefix.clone(),
             policy: policy.with_local(local.cloned()),
             stream_close_delay: Some(self.stream_close_delay).filter(|d| !d.is_zero()),
+            proxy_try_duration: Some(self.proxy_try_duration).filter(|d| !d.is_zero()),
             shard: self
                 .applier_domains
                 .as_deref()

@@ -153,3 +153,101 @@ async fn an_applier_that_does_not_own_the_log_never_changes_it() {
     let info = owned.info().await.unwrap();
     assert_eq!(info.config.max_age, Duration::from_secs(7 * 86_400));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_ingresses_each_serve_only_their_domains() {
+    let id = unique();
+    let (nats, caddy_a, caddy_b) = tokio::join!(Nats::start(), Caddy::start(), Caddy::start());
+    let js = jetstream::new(nats.client().await);
+    let agent = format!("shards-{id}");
+    let log = ensure_log(&js, &[&agent]).await;
+    let shard = |patterns: String| {
+        move |c: &mut ApplierConfig| {
+            c.translate.shard =
+                Some(caddy_fleet::schema::shard::DomainShard::parse(&patterns).expect("patterns"));
+        }
+    };
+    let (applier_a, board_a) = start_applier_on(
+        &nats,
+        &caddy_a,
+        "shard-a",
+        StreamSettings::default(),
+        shard(format!("*.a.{id}.test")),
+    );
+    let (applier_b, board_b) = start_applier_on(
+        &nats,
+        &caddy_b,
+        "shard-b",
+        StreamSettings {
+            owner: false,
+            ..StreamSettings::default()
+        },
+        shard(format!("*.b.{id}.test, other.test")),
+    );
+    let mut publisher = EventPublisher::new(js.clone(), AgentId::new(&agent).unwrap(), "shard");
+    let sites = [
+        ("c0", format!("s0.a.{id}.test"), 3100),
+        ("c1", format!("s1.a.{id}.test"), 3101),
+        ("c2", format!("s0.b.{id}.test"), 3102),
+        // One block for a site in each shard: each serves its own half.
+        ("c3", format!("x.a.{id}.test, http://x.b.{id}.test"), 3103),
+        // In neither shard: ignored by both, refused by none.
+        ("c4", format!("s0.c.{id}.test"), 3104),
+    ];
+    for (container, domain, port) in &sites {
+        let up = synthetic_up(
+            &agent,
+            container,
+            domain,
+            "127.0.0.1",
+            Some(*port),
+            ContainerState::Running,
+        );
+        publish_to_log(&mut publisher, &log, &up).await;
+    }
+    let route = |host: String, port: u16| (host, vec![format!("127.0.0.1:{port}")]);
+    let expected_a: BTreeMap<_, _> = [
+        route(format!("s0.a.{id}.test"), 3100),
+        route(format!("s1.a.{id}.test"), 3101),
+        route(format!("x.a.{id}.test"), 3103),
+    ]
+    .into();
+    let expected_b: BTreeMap<_, _> = [
+        route(format!("s0.b.{id}.test"), 3102),
+        route(format!("x.b.{id}.test"), 3103),
+    ]
+    .into();
+    serves(
+        &caddy_a,
+        &id,
+        &expected_a,
+        "shard A to serve its sites only",
+    )
+    .await;
+    serves(
+        &caddy_b,
+        &id,
+        &expected_b,
+        "shard B to serve its sites only",
+    )
+    .await;
+    // Ignored, not refused, and counted on /status.
+    for (board, outside, patterns) in [
+        (&board_a, 3, vec![format!("*.a.{id}.test")]),
+        (
+            &board_b,
+            4,
+            vec![format!("*.b.{id}.test"), "other.test".into()],
+        ),
+    ] {
+        let view = wait_for("the shard's status", Duration::from_secs(30), || async {
+            let view = board.view();
+            (view.sites_outside_shard == outside).then_some(view)
+        })
+        .await;
+        assert!(view.rejected.is_empty(), "{:?}", view.rejected);
+        assert_eq!(view.shard, Some(patterns));
+    }
+    applier_b.stop().await;
+    applier_a.stop().await;
+}

@@ -102,12 +102,26 @@ impl Caddyfile {
     /// `option value` unless it already has an `option` of its own (which
     /// wins).
     pub fn set_default_option(&mut self, directive: &str, option: &str, value: &str) {
-        fn visit(block: &mut Block, directive: &str, option: &str, value: &str) {
+        self.set_default_option_unless(directive, option, value, &[]);
+    }
+
+    /// [`Self::set_default_option`], also leaving alone the blocks that set
+    /// any of the options in `unless` (options that decide the same thing
+    /// another way).
+    pub fn set_default_option_unless(
+        &mut self,
+        directive: &str,
+        option: &str,
+        value: &str,
+        unless: &[&str],
+    ) {
+        fn visit(block: &mut Block, directive: &str, option: &str, value: &str, unless: &[&str]) {
             if block.keys.first().is_some_and(|k| k == directive)
-                && !block
-                    .children
-                    .iter()
-                    .any(|c| c.keys.first().is_some_and(|k| k == option))
+                && !block.children.iter().any(|c| {
+                    c.keys
+                        .first()
+                        .is_some_and(|k| k == option || unless.contains(&k.as_str()))
+                })
             {
                 block.children.push(Block {
                     keys: vec![option.to_string(), value.to_string()],
@@ -115,11 +129,11 @@ impl Caddyfile {
                 });
             }
             for child in &mut block.children {
-                visit(child, directive, option, value);
+                visit(child, directive, option, value, unless);
             }
         }
         for block in &mut self.blocks {
-            visit(block, directive, option, value);
+            visit(block, directive, option, value, unless);
         }
     }
 

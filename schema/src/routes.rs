@@ -388,11 +388,18 @@ mod tests {
                 .find(|e| e.container_id == id)
                 .and_then(|e| e.left_out.clone())
         };
-        assert!(left_out("c1").unwrap().contains("state stopping"), "{why:?}");
+        assert!(
+            left_out("c1").unwrap().contains("state stopping"),
+            "{why:?}"
+        );
         assert_eq!(left_out("c2"), None);
         let why_b = explain(&s, &opts, "b.test");
         assert!(
-            why_b[0].left_out.as_ref().unwrap().starts_with("ignored: outside this applier's APPLIER_DOMAINS (a.test)"),
+            why_b[0]
+                .left_out
+                .as_ref()
+                .unwrap()
+                .starts_with("ignored: outside this applier's APPLIER_DOMAINS (a.test)"),
             "{why_b:?}"
         );
         assert!(why_b[0].upstreams.is_empty());

@@ -64,7 +64,9 @@ impl DomainShard {
             return Err(ShardError::Empty);
         }
         if let Some(bad) = patterns.iter().find(|p| {
-            !(p.as_str() == "*" || is_host_name(p) || p.strip_prefix("*.").is_some_and(is_host_name))
+            !(p.as_str() == "*"
+                || is_host_name(p)
+                || p.strip_prefix("*.").is_some_and(is_host_name))
         }) {
             return Err(ShardError::BadPattern(bad.clone()));
         }
@@ -161,9 +163,7 @@ fn normalise_commas(keys: &mut [String]) {
 
 /// The host of a site address, `None` when it has none (`:80`, `http://`).
 pub fn address_host(address: &str) -> Option<&str> {
-    let rest = address
-        .split_once("://")
-        .map_or(address, |(_, rest)| rest);
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
     let rest = rest.split('/').next().unwrap_or("");
     let host = if let Some(bracketed) = rest.strip_prefix('[') {
         // `[::1]:80`: the brackets hold the host.
@@ -206,7 +206,13 @@ mod tests {
     #[test]
     fn addresses_are_matched_by_host() {
         let shard = DomainShard::parse("a.test,*.b.test").expect("valid");
-        for served in ["a.test", "https://A.test:443", "x.b.test/path", ":8080", "http://"] {
+        for served in [
+            "a.test",
+            "https://A.test:443",
+            "x.b.test/path",
+            ":8080",
+            "http://",
+        ] {
             assert!(shard.serves_address(served), "{served}");
         }
         for ignored in ["b.test", "y.x.b.test", "c.test:80", "[::1]:80", "10.0.0.1"] {

@@ -43,6 +43,14 @@ pub struct TranslateOptions {
     /// ownership is decided ([`crate::shard`]), so it never changes who
     /// owns a site.
     pub shard: Option<crate::shard::DomainShard>,
+    /// Given to every generated `reverse_proxy` that sets neither its own
+    /// `lb_try_duration` nor `lb_retries` (`PROXY_TRY_DURATION`): a
+    /// request whose upstream cannot be reached (a container routed a
+    /// moment before it listens, or one that just went away) is tried
+    /// again on the site's upstreams for up to this long, instead of
+    /// failing. Caddy retries only what is safe: any request that never
+    /// reached an upstream, and GETs otherwise.
+    pub proxy_try_duration: Option<Duration>,
 }
 
 /// Reaching the local agent's containers on a Docker network, as
@@ -64,6 +72,7 @@ impl Default for TranslateOptions {
             caddy_addresses: BTreeSet::new(),
             stream_close_delay: None,
             shard: None,
+            proxy_try_duration: None,
         }
     }
 }
@@ -228,6 +237,14 @@ fn translate_one(
     }
     if let Some(delay) = options.stream_close_delay {
         file.set_default_option("reverse_proxy", "stream_close_delay", &go_duration(delay));
+    }
+    if let Some(patience) = options.proxy_try_duration.filter(|d| !d.is_zero()) {
+        file.set_default_option_unless(
+            "reverse_proxy",
+            "lb_try_duration",
+            &go_duration(patience),
+            &["lb_retries"],
+        );
     }
     Ok(Translated {
         text: file.marshal(),
@@ -836,6 +853,62 @@ mod tests {
         let mut sick = facts("a1", "sick", &[("caddy", "b.test"), PROXY], &[(80, 2)]);
         sick.health = Health::Unhealthy;
         assert!(translate(vec![stopped, sick]).caddyfile.blocks.is_empty());
+    }
+
+    #[test]
+    fn generated_proxies_retry_unless_they_say_how_themselves() {
+        let options = TranslateOptions {
+            proxy_try_duration: Some(Duration::from_secs(5)),
+            ..TranslateOptions::trusting()
+        };
+        let s = state(vec![
+            facts("a1", "web", &[("caddy", "a.test"), PROXY], &[(80, 1)]),
+            facts(
+                "a1",
+                "own",
+                &[
+                    ("caddy", "b.test"),
+                    PROXY,
+                    ("caddy.reverse_proxy.lb_retries", "5"),
+                ],
+                &[(80, 2)],
+            ),
+            facts(
+                "a1",
+                "patient",
+                &[
+                    ("caddy", "c.test"),
+                    PROXY,
+                    ("caddy.reverse_proxy.lb_try_duration", "1s"),
+                ],
+                &[(80, 3)],
+            ),
+        ]);
+        let (units, _, _) = translate_owned(&s, &options, &BTreeSet::new(), &SiteOwners::new());
+        let text = |name: &str| {
+            units
+                .iter()
+                .find(|u| u.container == name)
+                .unwrap()
+                .text
+                .clone()
+        };
+        assert_eq!(
+            text("web"),
+            "a.test {\n\treverse_proxy host-a1:1 {\n\t\tlb_try_duration 5s\n\t}\n}\n"
+        );
+        assert!(!text("own").contains("lb_try_duration"), "{}", text("own"));
+        assert!(
+            text("patient").contains("lb_try_duration 1s") && !text("patient").contains("5s"),
+            "{}",
+            text("patient")
+        );
+        let off = TranslateOptions {
+            proxy_try_duration: Some(Duration::ZERO),
+            ..TranslateOptions::trusting()
+        };
+        let (units, _, _) = translate_owned(&s, &off, &BTreeSet::new(), &SiteOwners::new());
+        assert!(!units[0].text.contains("lb_try_duration"));
     }
 
     #[test]

@@ -400,6 +400,7 @@ pub fn start_applier_on(
         // As the settings' default (STREAM_CLOSE_DELAY), so the debugging
         // commands, run with default settings, agree with the applier.
         stream_close_delay: Some(Duration::from_secs(3600)),
+        proxy_try_duration: Some(Duration::from_secs(5)),
         ..caddy_fleet::schema::translate::TranslateOptions::trusting()
     };
     config.health_check_interval = Duration::from_millis(500);

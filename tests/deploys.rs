@@ -1,0 +1,222 @@
+//! Deploys without failed requests: a rolling replacement under steady
+//! load (start the new container, wait until it is routed, `docker stop`
+//! the old one) answers every request, because the publisher reports the
+//! stop as it is asked (`stopping`) and the applier withdraws the upstream
+//! while the old container still answers.
+//!
+//! The backends behave as a well-behaved service does on `docker stop`:
+//! they keep accepting for a short drain delay after SIGTERM (Caddy's
+//! `shutdown_delay`), then finish what is in flight and exit. Without the
+//! `stopping` state their upstream would stay in Caddy's config until they
+//! exit, and requests sent to it after the drain would fail.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+
+/// What the test is doing, for the failures to say when they happened.
+static PHASE: Mutex<String> = Mutex::new(String::new());
+
+fn phase(what: String) {
+    *PHASE.lock().unwrap() = what;
+}
+
+/// How long a backend keeps accepting after it is asked to stop.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// A labeled backend answering `body`, with a drain delay on stop.
+async fn start_draining_backend(
+    labels: &[(&'static str, String)],
+    body: &str,
+) -> ContainerAsync<GenericImage> {
+    ensure_images();
+    let caddyfile = format!(
+        "{{\n\tadmin off\n\tauto_https off\n\tshutdown_delay {}s\n}}\n:80 {{\n\trespond \"{body}\"\n}}\n",
+        DRAIN.as_secs()
+    );
+    let request = || {
+        let mut request = GenericImage::new(CADDY_IMAGE.0, CADDY_IMAGE.1)
+            .with_exposed_port(80.tcp())
+            .with_wait_for(WaitFor::message_on_stderr("serving initial configuration"))
+            .with_copy_to("/etc/caddy/Caddyfile", caddyfile.clone().into_bytes());
+        for (k, v) in labels {
+            request = request.with_label(*k, v.clone());
+        }
+        request
+    };
+    start_retrying(request, "draining backend").await
+}
+
+/// What the load saw: answers by body, and every failure in words.
+#[derive(Default)]
+struct Tally {
+    answers: BTreeMap<String, u64>,
+    failures: Vec<String>,
+    /// Requests sent again after a reload closed their idle connection.
+    resent: u64,
+}
+
+/// Whether a request failed because the server closed the (idle,
+/// reused) connection before answering, with nothing of it processed.
+fn closed_idle_connection(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let incomplete = cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_incomplete_message());
+        let reset = cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+        if incomplete || reset {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Steady load on `host` through Caddy from `clients` loops, until `stop`
+/// (or a bound of 60 s and 100,000 requests).
+fn steady_load(
+    caddy: &Caddy,
+    host: &str,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Tally>>, Vec<tokio::task::JoinHandle<()>>) {
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let url = format!("http://127.0.0.1:{}/", caddy.http_port);
+    let started = Instant::now();
+    let tasks = (0..clients)
+        .map(|_| {
+            let (tally, stop, url, host) =
+                (tally.clone(), stop.clone(), url.clone(), host.to_string());
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .unwrap();
+                for _ in 0..100_000 / clients {
+                    if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(60) {
+                        break;
+                    }
+                    let mut answer = client.get(&url).header("Host", &host).send().await;
+                    if answer.as_ref().is_err_and(closed_idle_connection) {
+                        // Caddy closed an idle keep-alive connection as it
+                        // reloaded, and this request raced it; browsers
+                        // send such a request again, and so does the load.
+                        tally.lock().unwrap().resent += 1;
+                        answer = client.get(&url).header("Host", &host).send().await;
+                    }
+                    let outcome = match answer {
+                        Ok(response) if response.status().is_success() => {
+                            Ok(response.text().await.unwrap_or_default())
+                        }
+                        Ok(response) => Err(format!("status {}", response.status())),
+                        Err(error) => {
+                            let mut chain = format!("request failed: {error}");
+                            let mut source = std::error::Error::source(&error);
+                            while let Some(cause) = source {
+                                chain.push_str(&format!(": {cause}"));
+                                source = cause.source();
+                            }
+                            Err(chain)
+                        }
+                    };
+                    let mut tally = tally.lock().unwrap();
+                    match outcome {
+                        Ok(body) => *tally.answers.entry(body).or_default() += 1,
+                        Err(failure) => {
+                            let phase = PHASE.lock().unwrap().clone();
+                            tally.failures.push(format!("[{phase}] {failure}"))
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    (tally, tasks)
+}
+
+fn answered(tally: &Mutex<Tally>, body: &str) -> u64 {
+    tally
+        .lock()
+        .unwrap()
+        .answers
+        .get(body)
+        .copied()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_replacement_under_load_fails_no_request() {
+    let id = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let (applier, _) = start_applier(&nats, &caddy, "deploys");
+    let publisher = start_publisher(&nats, &format!("deploys-{id}"), &id, "127.0.0.1");
+    let domain = format!("{id}.deploys.test");
+    let labels = web_labels(&domain, &id);
+
+    let mut current = start_draining_backend(&labels, "v0").await;
+    caddy
+        .wait_serving(&domain, "v0", Duration::from_secs(30))
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, load) = steady_load(&caddy, &domain, 4, stop.clone());
+
+    for version in 1..=3 {
+        let body = format!("v{version}");
+        phase(format!("starting {body}"));
+        let next = start_draining_backend(&labels, &body).await;
+        phase(format!("started {body}"));
+        // Routed: the load gets answers from it.
+        wait_for(
+            &format!("{body} to be routed"),
+            Duration::from_secs(30),
+            || async { (answered(&tally, &body) > 0).then_some(()) },
+        )
+        .await;
+        // `docker stop`: SIGTERM, the drain, then exit.
+        let old = std::mem::replace(&mut current, next);
+        phase(format!("stopping old for {body}"));
+        old.stop().await.expect("stop the old backend");
+        phase(format!("stopped old for {body}"));
+        // Requests go on after it exited, all answered by the new one.
+        let after = answered(&tally, &body);
+        wait_for(
+            "more answers after the old backend exited",
+            Duration::from_secs(30),
+            || async { (answered(&tally, &body) >= after + 200).then_some(()) },
+        )
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.expect("load task");
+    }
+    publisher.stop().await;
+    applier.stop().await;
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
+    let total: u64 = tally.answers.values().sum();
+    println!(
+        "deploys: {total} answered {:?}, {} failed, {} sent again after a reload closed their idle connection",
+        tally.answers,
+        tally.failures.len(),
+        tally.resent
+    );
+    assert!(total > 800, "too little load to tell: {total}");
+    assert!(
+        tally.failures.is_empty(),
+        "{} of {} requests failed during the replacements: {:?}",
+        tally.failures.len(),
+        total + tally.failures.len() as u64,
+        &tally.failures
+    );
+}
