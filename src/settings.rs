@@ -1235,6 +1235,8 @@ agent_ttl = "90s"
 coalesce_quiet = "200ms"
 coalesce_max_delay = "2s"
 stream_close_delay = "1h"
+proxy_try_duration = "5s"
+applier_domains = "*.eu.example.com,eu.example.com"
 sync_interval = "5m"
 heartbeat_interval = "10s"
 stream_max_age = "7d"
@@ -1498,6 +1500,16 @@ log_format = "json"
         assert!(
             one_line(&err).starts_with("CADDY_BASE_CADDYFILE: cannot read /nonexistent/Caddyfile")
         );
+
+        let err = load(&[], &[("APPLIER_DOMAINS", "a.test,https://b.test")])
+            .unwrap()
+            .applier_config(None)
+            .unwrap_err();
+        assert!(
+            one_line(&err).starts_with("APPLIER_DOMAINS: \"https://b.test\" is not a host pattern"),
+            "{}",
+            one_line(&err)
+        );
     }
 
     #[test]
@@ -1510,6 +1522,8 @@ log_format = "json"
                 ("DOCKER_LABEL_PREFIX", "fleet"),
                 ("SYNC_INTERVAL", "1m"),
                 ("STREAM_CLOSE_DELAY", "90s"),
+                ("PROXY_TRY_DURATION", "0s"),
+                ("APPLIER_DOMAINS", "*.eu.test, eu.test"),
                 ("AGENT_TTL", "2m"),
                 ("CADDY_INGRESS_NETWORK", "ingress"),
                 ("STREAM_MAX_AGE", "2d"),
@@ -1529,6 +1543,15 @@ log_format = "json"
         assert_eq!(
             applier.translate.stream_close_delay,
             Some(Duration::from_secs(90))
+        );
+        assert_eq!(applier.translate.proxy_try_duration, None);
+        assert_eq!(
+            applier
+                .translate
+                .shard
+                .as_ref()
+                .map(|s| s.patterns().to_vec()),
+            Some(vec!["*.eu.test".to_string(), "eu.test".to_string()])
         );
         assert_eq!(applier.agent_ttl, Some(Duration::from_secs(120)));
         assert_eq!(applier.translate.label_prefix, "fleet");
