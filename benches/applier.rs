@@ -12,7 +12,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use caddy_fleet::nats::async_nats::jetstream;
@@ -29,69 +28,6 @@ fn up(i: usize, port: u16) -> Event {
         Some(port),
         ContainerState::Running,
     )
-}
-
-struct ApplierProcess {
-    child: Child,
-    status: String,
-}
-
-impl ApplierProcess {
-    fn start(nats: &Nats, caddy: &Caddy, name: &str, base: &std::path::Path) -> ApplierProcess {
-        let port = free_port();
-        // The bench's agent is trusted with every site, as the tests' are.
-        let policy = base.with_extension("policy.toml");
-        std::fs::write(&policy, "[default]\ndomains = [\"*\"]\ntrusted = true\n")
-            .expect("write the policy");
-        let child = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
-            .arg("applier")
-            .env("POLICY_FILE", &policy)
-            .env("NATS_URL", &nats.url)
-            .env("CADDY_API_URL", caddy.admin_url())
-            .env("CADDY_BASE_CADDYFILE", base)
-            .env("APPLIER_NAME", name)
-            .env("STATUS_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start caddy-fleet applier");
-        ApplierProcess {
-            child,
-            status: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    fn rss_mib(&self) -> f64 {
-        rss_mib(self.child.id())
-    }
-
-    /// Waits until the applier folded up to `seq` and Caddy runs the result.
-    async fn caught_up(&self, seq: u64, timeout: Duration) -> Duration {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = get_json(&format!("{}/status", self.status)).await {
-                if status["last_seq"].as_u64() >= Some(seq) && status["converged"] == true {
-                    return started.elapsed();
-                }
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "applier did not catch up to {seq} within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ApplierProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -122,6 +122,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
     let mut tick = tokio::time::interval(config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     board.update(|v| v.consumer_attached = true);
+    board.folded(state.last_seq);
     loop {
         let checkpoint_due = unsaved
             .since
@@ -154,6 +155,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 if let Some(agent) = fold(&mut state, stats, delivery.seq, &delivery.subject, &delivery.payload) {
                     liveness.heard(agent);
                 }
+                board.folded(state.last_seq);
                 changed_since.get_or_insert_with(Instant::now);
                 owner.changes.send_modify(|n| *n += 1);
                 if delivery.seq <= unsaved.saved_seq {
@@ -202,6 +204,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                             if !missing.is_empty() {
                                 stats.gap_filled(from, end, missing.len());
                                 fold_all(&mut state, &mut liveness, stats, missing);
+                                board.folded(state.last_seq);
                                 changed_since.get_or_insert_with(Instant::now);
                                 owner.changes.send_modify(|n| *n += 1);
                             }
@@ -217,7 +220,6 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 let lag = tokio::time::timeout(LAG_TIMEOUT, source.lag()).await.ok().flatten();
                 board.update(|v| {
                     v.consumer_lag = lag;
-                    v.folded_seq = state.last_seq;
                     v.agents = agents;
                 });
             }

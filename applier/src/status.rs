@@ -80,13 +80,23 @@ pub struct RejectedView {
 #[derive(Debug, Default)]
 pub struct StatusBoard {
     view: Mutex<StatusView>,
+    /// The last sequence folded: set after every message, without a lock.
+    folded_seq: std::sync::atomic::AtomicU64,
     pub stats: Stats,
 }
 
 impl StatusBoard {
     /// A copy of the current view.
     pub fn view(&self) -> StatusView {
-        self.view.lock().map(|v| v.clone()).unwrap_or_default()
+        let mut view = self.view.lock().map(|v| v.clone()).unwrap_or_default();
+        view.folded_seq = self.folded_seq.load(std::sync::atomic::Ordering::Relaxed);
+        view
+    }
+
+    /// Records that the log is folded up to `seq` (cheap: once per message).
+    pub fn folded(&self, seq: u64) {
+        self.folded_seq
+            .store(seq, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Changes the view.

@@ -715,6 +715,84 @@ impl Drop for LabelCleanup {
     }
 }
 
+/// `caddy-fleet applier` as its own process (the release build under
+/// `cargo bench`), with its status listener on a free loopback port.
+pub struct ApplierProcess {
+    pub child: std::process::Child,
+    /// The status listener's base URL.
+    pub status: String,
+}
+
+impl ApplierProcess {
+    pub fn start(nats: &Nats, caddy: &Caddy, name: &str, base: &std::path::Path) -> ApplierProcess {
+        ApplierProcess::start_with(nats, caddy, name, base, &[])
+    }
+
+    /// [`ApplierProcess::start`] with more settings, as variables.
+    pub fn start_with(
+        nats: &Nats,
+        caddy: &Caddy,
+        name: &str,
+        base: &std::path::Path,
+        settings: &[(&str, String)],
+    ) -> ApplierProcess {
+        let port = free_port();
+        // The bench's agent is trusted with every site, as the tests' are.
+        let policy = base.with_extension("policy.toml");
+        std::fs::write(&policy, "[default]\ndomains = [\"*\"]\ntrusted = true\n")
+            .expect("write the policy");
+        let child = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+            .arg("applier")
+            .envs(settings.iter().map(|(k, v)| (k, v)))
+            .env("POLICY_FILE", &policy)
+            .env("NATS_URL", &nats.url)
+            .env("CADDY_API_URL", caddy.admin_url())
+            .env("CADDY_BASE_CADDYFILE", base)
+            .env("APPLIER_NAME", name)
+            .env("STATUS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start caddy-fleet applier");
+        ApplierProcess {
+            child,
+            status: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn rss_mib(&self) -> f64 {
+        rss_mib(self.child.id())
+    }
+
+    /// Waits until the applier folded up to `seq` and Caddy runs the result.
+    pub async fn caught_up(&self, seq: u64, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = get_json(&format!("{}/status", self.status)).await {
+                if status["last_seq"].as_u64() >= Some(seq) && status["converged"] == true {
+                    return started.elapsed();
+                }
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "applier did not catch up to {seq} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ApplierProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
 /// Resident memory of process `pid`, in MiB.
 pub fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -1,0 +1,375 @@
+//! Fleet simulator: the cost of a change at fleet scale, on real NATS and
+//! real Caddy, with the release applier as its own process.
+//!
+//! `cargo bench --bench fleet -- --agents A --containers C [--churn R]
+//! [--upstreams static] [--shards N]` publishes synthetic facts for A
+//! agents × C containers straight into NATS (no Docker container per
+//! route: every synthetic container is published at the port of one of two
+//! real loopback backends, so every site answers), then measures:
+//!
+//! - `load_floor_s`: a bare forced `/load` of the config Caddy runs;
+//! - `new_site_served_s_p50`: a new site's `up` published → served;
+//! - `upstream_change_served_s_p50`: a site's upstream moved to the other
+//!   backend → answered by it, and `caddy_loads_during_upstream_changes`
+//!   (Caddy's own admin log counts its `/load`s);
+//! - `lag_s_max`: under a churn of R upstream changes per second for 10 s,
+//!   the longest time from a batch's publish to the applier having folded
+//!   it;
+//! - request latency through Caddy across up to 1,000 live sites;
+//! - resident memory of the applier and of Caddy.
+//!
+//! With `--shards N`, N appliers (each with its own Caddy) split the fleet
+//! by `APPLIER_DOMAINS`, and the figures are for the first shard.
+//!
+//! The last line printed is one JSON object with every figure.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use caddy_fleet::nats::async_nats::jetstream;
+use caddy_fleet::nats::async_nats::jetstream::message::PublishMessage;
+use caddy_fleet::schema::{ContainerState, Event};
+use clap::Parser;
+use support::*;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Agents (Docker hosts) publishing.
+    #[arg(long, default_value_t = 100)]
+    agents: usize,
+    /// Containers per agent, one site each.
+    #[arg(long, default_value_t = 100)]
+    containers: usize,
+    /// Upstream changes per second during the churn.
+    #[arg(long, default_value_t = 200)]
+    churn: usize,
+    /// How Caddy gets upstreams: `static` (in the config; the only mode
+    /// built so far).
+    #[arg(long, default_value = "static")]
+    upstreams: String,
+    /// Appliers splitting the fleet by APPLIER_DOMAINS, each with its own Caddy.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// Site `c<j>-a<k>.s<shard>.fleet.test` of agent `fleet-a<k>`: containers
+/// are spread over the shards by their index.
+fn site(args: &Args, k: usize, j: usize) -> String {
+    format!("c{j}-a{k}.s{}.fleet.test", j % args.shards)
+}
+
+fn up(k: usize, j: usize, domain: &str, port: u16) -> Event {
+    synthetic_up(
+        &format!("fleet-a{k}"),
+        &format!("c{j}"),
+        domain,
+        "127.0.0.1",
+        Some(port),
+        ContainerState::Running,
+    )
+}
+
+fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let at = ((values.len() as f64 - 1.0) * p).round() as usize;
+    values.get(at).copied().unwrap_or(f64::NAN)
+}
+
+/// Waits until a GET for `host` through `caddy` answers `body`; returns
+/// how long it took from `since`.
+async fn served(caddy: &Caddy, host: &str, body: &str, since: Instant) -> f64 {
+    loop {
+        if let Some((200, text)) = caddy.get(host).await {
+            if text == body {
+                return since.elapsed().as_secs_f64();
+            }
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(120),
+            "{host} never answered {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How many `/load`s Caddy's admin API has received (its own log).
+fn caddy_loads(caddy: &Caddy) -> usize {
+    let out = std::process::Command::new("docker")
+        .args(["logs", caddy.container.id()])
+        .output()
+        .expect("docker logs");
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .filter(|l| l.contains("\"uri\":\"/load\""))
+        .count()
+}
+
+fn container_rss_mib(caddy: &Caddy) -> f64 {
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Pid}}", caddy.container.id()])
+        .output()
+        .expect("docker inspect");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map(rss_mib)
+        .unwrap_or(f64::NAN)
+}
+
+async fn bench(args: Args) {
+    assert_eq!(
+        args.upstreams, "static",
+        "only --upstreams static is built so far (dynamic upstreams by DNS are issue #14's next part)"
+    );
+    let nats = Nats::start().await;
+    let mut caddys = Vec::new();
+    for _ in 0..args.shards {
+        caddys.push(Caddy::start().await);
+    }
+    let (alpha, beta) = tokio::join!(start_backend(&[], "alpha"), start_backend(&[], "beta"));
+    let port_a = alpha.get_host_port_ipv4(80).await.expect("alpha's port");
+    let port_b = beta.get_host_port_ipv4(80).await.expect("beta's port");
+    let js = jetstream::new(nats.client().await);
+    let mut log = ensure_log(&js, &[]).await;
+    let dir = std::env::temp_dir().join(format!("caddy-fleet-fleet-{}", unique()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+
+    let routes = args.agents * args.containers;
+    let started = Instant::now();
+    publish_batched(
+        &js,
+        (0..args.agents)
+            .flat_map(|k| (0..args.containers).map(move |j| (k, j)))
+            .map(|(k, j)| up(k, j, &site(&args, k, j), port_a)),
+        "fleet",
+    )
+    .await;
+    let published_s = started.elapsed().as_secs_f64();
+    let mut appliers = Vec::new();
+    for (shard, caddy) in caddys.iter().enumerate() {
+        let base = dir.join(format!("Caddyfile-{shard}"));
+        std::fs::write(&base, caddy.base_caddyfile()).expect("base Caddyfile");
+        let mut settings = vec![("STREAM_OWNER", (shard == 0).to_string())];
+        if args.shards > 1 {
+            settings.push(("APPLIER_DOMAINS", format!("*.s{shard}.fleet.test")));
+        }
+        appliers.push(ApplierProcess::start_with(
+            &nats,
+            caddy,
+            &format!("fleet-{shard}"),
+            &base,
+            &settings,
+        ));
+    }
+    let last = log.info().await.expect("log info").state.last_sequence;
+    let started = Instant::now();
+    for applier in &appliers {
+        applier.caught_up(last, Duration::from_secs(1800)).await;
+    }
+    let first_converge_s = started.elapsed().as_secs_f64();
+    let (caddy, applier) = (&caddys[0], &appliers[0]);
+
+    // Caddy's floor: a bare forced /load of the config it runs.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let config = caddy.config().await.expect("Caddy's config").to_string();
+    let mut floors = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = http
+            .post(format!("{}/load", caddy.admin_url()))
+            .header("Content-Type", "application/json")
+            .header("Cache-Control", "must-revalidate")
+            .body(config.clone())
+            .send()
+            .await
+            .expect("/load");
+        assert!(response.status().is_success());
+        floors.push(started.elapsed().as_secs_f64());
+    }
+    drop(config);
+
+    // Request latency across up to 1,000 live sites of the first shard.
+    let live: Vec<String> = (0..args.agents)
+        .flat_map(|k| (0..args.containers).map(move |j| (k, j)))
+        .filter(|(_, j)| j % args.shards == 0)
+        .map(|(k, j)| site(&args, k, j))
+        .take(1000)
+        .collect();
+    let mut request_s = Vec::new();
+    for round in 0..2 {
+        for host in &live {
+            let started = Instant::now();
+            let answer = caddy.get(host).await;
+            assert!(
+                matches!(&answer, Some((200, body)) if body == "alpha"),
+                "{host} (round {round}): {answer:?}"
+            );
+            request_s.push(started.elapsed().as_secs_f64());
+        }
+    }
+
+    // New sites.
+    let mut new_site = Vec::new();
+    for n in 0..5 {
+        let domain = format!("new{n}-a0.s0.fleet.test");
+        let started = Instant::now();
+        publish_batched(
+            &js,
+            std::iter::once(up(0, 1_000_000 + n, &domain, port_a)),
+            &format!("new{n}"),
+        )
+        .await;
+        new_site.push(served(caddy, &domain, "alpha", started).await);
+    }
+
+    // Upstream changes of one site, alternating backends.
+    let loads_before = caddy_loads(caddy);
+    let mut upstream_change = Vec::new();
+    let domain = site(&args, 0, 0);
+    for n in 0..6 {
+        let (port, body) = if n % 2 == 0 {
+            (port_b, "beta")
+        } else {
+            (port_a, "alpha")
+        };
+        let started = Instant::now();
+        publish_batched(
+            &js,
+            std::iter::once(up(0, 0, &domain, port)),
+            &format!("move{n}"),
+        )
+        .await;
+        upstream_change.push(served(caddy, &domain, body, started).await);
+    }
+    let loads_during_changes = caddy_loads(caddy) - loads_before;
+
+    // Churn: R upstream changes per second for 10 s, in batches every 100 ms;
+    // lag is a batch's publish → the applier having folded it.
+    let batches: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let churn = {
+        let (js, batches, args_agents, args_containers, per_batch) = (
+            js.clone(),
+            batches.clone(),
+            args.agents,
+            args.containers,
+            (args.churn / 10).max(1),
+        );
+        let shards = args.shards;
+        tokio::spawn(async move {
+            let mut log = ensure_log(&js, &[]).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut n = 0usize;
+            for batch in 0..100 {
+                tick.tick().await;
+                let started = Instant::now();
+                let events: Vec<Event> = (0..per_batch)
+                    .map(|_| {
+                        n += 1;
+                        let (k, j) = ((n * 7919) % args_agents, (n * 104_729) % args_containers);
+                        let port = if n % 2 == 0 { port_a } else { port_b };
+                        let domain = format!("c{j}-a{k}.s{}.fleet.test", j % shards);
+                        up(k, j, &domain, port)
+                    })
+                    .collect();
+                // Straight into the agents' ingest streams (they exist),
+                // acks awaited; then the log's sequence once it sourced them.
+                let before = log.info().await.expect("log info").state.messages;
+                let mut acks = Vec::new();
+                for (i, event) in events.iter().enumerate() {
+                    let message = PublishMessage::build()
+                        .payload(event.encode().into())
+                        .message_id(format!("churn.{batch}.{i}"));
+                    let ack = js
+                        .send_publish(event.subject(), message)
+                        .await
+                        .expect("publish");
+                    acks.push(std::future::IntoFuture::into_future(ack));
+                }
+                for ack in futures::future::join_all(acks).await {
+                    ack.expect("ack");
+                }
+                let seq = loop {
+                    let state = &log.info().await.expect("log info").state;
+                    if state.messages >= before + events.len() as u64 {
+                        break state.last_sequence;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                };
+                batches.lock().expect("batches").push((seq, started));
+            }
+        })
+    };
+    let mut lags = Vec::new();
+    let mut pending = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        let folded = get_json(&format!("{}/status", applier.status))
+            .await
+            .and_then(|s| s["folded_seq"].as_u64())
+            .unwrap_or(0);
+        let batches = batches.lock().expect("batches").clone();
+        while pending < batches.len() && batches[pending].0 <= folded {
+            lags.push(batches[pending].1.elapsed().as_secs_f64());
+            pending += 1;
+        }
+        if churn.is_finished() && pending == batches.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    churn.await.expect("churn task");
+    assert_eq!(pending, 100, "the applier did not fold every churn batch");
+    let last = log.info().await.expect("log info").state.last_sequence;
+    applier.caught_up(last, Duration::from_secs(600)).await;
+
+    let applier_rss = applier.rss_mib();
+    let caddy_rss = container_rss_mib(caddy);
+    drop(appliers);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "fleet: {} agents x {} containers = {routes} routes, {} shard(s), upstreams {}; facts published in {published_s:.1} s, first convergence {first_converge_s:.1} s",
+        args.agents, args.containers, args.shards, args.upstreams
+    );
+    println!(
+        "fleet: request through Caddy p50 {:.4} s p99 {:.4} s over {} requests to {} sites",
+        percentile(request_s.clone(), 0.5),
+        percentile(request_s.clone(), 0.99),
+        request_s.len(),
+        live.len()
+    );
+    let json = serde_json::json!({
+        "agents": args.agents,
+        "containers": args.containers,
+        "shards": args.shards,
+        "routes": routes,
+        "upstreams": args.upstreams,
+        "load_floor_s": percentile(floors, 0.5),
+        "new_site_served_s_p50": percentile(new_site, 0.5),
+        "upstream_change_served_s_p50": percentile(upstream_change, 0.5),
+        "caddy_loads_during_upstream_changes": loads_during_changes,
+        "lag_s_max": lags.iter().copied().fold(0.0, f64::max),
+        "churn_per_s": args.churn,
+        "applier_rss_mib": (applier_rss * 10.0).round() / 10.0,
+        "caddy_rss_mib": (caddy_rss * 10.0).round() / 10.0,
+        "request_p50_s": percentile(request_s.clone(), 0.5),
+        "request_p99_s": percentile(request_s, 0.99),
+        // Needs dynamic upstreams, not built yet.
+        "request_p99_dynamic_over_static": serde_json::Value::Null,
+    });
+    println!("{json}");
+}
+
+fn main() {
+    let args = Args::parse();
+    bench_main(bench(args));
+}
