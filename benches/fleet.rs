@@ -275,7 +275,7 @@ async fn bench(args: Args) {
                     .map(|_| {
                         n += 1;
                         let (k, j) = ((n * 7919) % args_agents, (n * 104_729) % args_containers);
-                        let port = if n % 2 == 0 { port_a } else { port_b };
+                        let port = if n.is_multiple_of(2) { port_a } else { port_b };
                         let domain = format!("c{j}-a{k}.s{}.fleet.test", j % shards);
                         up(k, j, &domain, port)
                     })
