@@ -220,3 +220,76 @@ async fn a_rolling_replacement_under_load_fails_no_request() {
         &tally.failures
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_applier_killed_under_load_fails_no_request() {
+    let id = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let backend = start_backend(&[], "steady").await;
+    let port = backend.get_host_port_ipv4(80).await.expect("backend port");
+    let js = caddy_fleet::nats::async_nats::jetstream::new(nats.client().await);
+    let domain = format!("{id}.kill.test");
+    let agent = format!("kill-{id}");
+    publish_batched(
+        &js,
+        std::iter::once(synthetic_up(
+            &agent,
+            "c0",
+            &domain,
+            "127.0.0.1",
+            Some(port),
+            caddy_fleet::schema::ContainerState::Running,
+        )),
+        "kill",
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("caddy-fleet-kill-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("Caddyfile");
+    std::fs::write(&base, caddy.base_caddyfile()).unwrap();
+    let mut applier = ApplierProcess::start(&nats, &caddy, "kill", &base);
+    caddy
+        .wait_serving(&domain, "steady", Duration::from_secs(60))
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, load) = steady_load(&caddy, &domain, 4, stop.clone());
+    for round in 0..3 {
+        phase(format!("killing the applier ({round})"));
+        let before = answered(&tally, "steady");
+        applier.kill();
+        // Caddy goes on serving without it.
+        wait_for(
+            "answers while the applier is down",
+            Duration::from_secs(30),
+            || async { (answered(&tally, "steady") >= before + 200).then_some(()) },
+        )
+        .await;
+        phase(format!("restarting the applier ({round})"));
+        applier = ApplierProcess::start(&nats, &caddy, "kill", &base);
+        let log = caddy_fleet::nats::ensure_stream(&js, &Default::default())
+            .await
+            .expect("the log");
+        let last = log.cached_info().state.last_sequence;
+        applier.caught_up(last, Duration::from_secs(60)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.expect("load task");
+    }
+    applier.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
+    let total: u64 = tally.answers.values().sum();
+    println!(
+        "applier killed under load: {total} answered, {} failed, {} sent again after a reload closed their idle connection",
+        tally.failures.len(),
+        tally.resent
+    );
+    assert!(total > 600, "too little load to tell: {total}");
+    assert!(
+        tally.failures.is_empty(),
+        "{} requests failed while the applier was killed and restarted: {:?}",
+        tally.failures.len(),
+        &tally.failures
+    );
+}
