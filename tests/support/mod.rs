@@ -735,3 +735,11 @@ pub fn bench_main(bench: impl Future<Output = ()>) {
         .expect("tokio runtime")
         .block_on(bench);
 }
+
+/// [`ensure_images`], unless the test was pointed at a Caddy already
+/// running (`CADDY_FLEET_TEST_CADDY_ADMIN`).
+pub fn ensure_images_unless_local() {
+    if std::env::var_os("CADDY_FLEET_TEST_CADDY_ADMIN").is_none() {
+        ensure_images();
+    }
+}
