@@ -35,6 +35,61 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// One new container's route, `count` times: from publishing its event
+/// to Caddy serving it, with when it was in the log.
+async fn one_change(
+    js: &jetstream::Context,
+    caddy: &Caddy,
+    port: u16,
+    first: usize,
+    count: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut latencies = Vec::new();
+    let mut in_log = Vec::new();
+    for k in 0..count {
+        let i = first + k;
+        let started = Instant::now();
+        publish_batched(js, std::iter::once(up(i, port)), &format!("one{i}")).await;
+        in_log.push(started.elapsed().as_secs_f64());
+        let host = format!("r{i}.bench.test");
+        loop {
+            if let Some((200, body)) = caddy.get(&host).await {
+                if body == "bench" {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "change never served"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(started.elapsed().as_secs_f64());
+    }
+    (latencies, in_log)
+}
+
+/// Caddy's floor: a bare forced `/load` of the config it runs, `count` times.
+async fn load_floor(caddy: &Caddy, count: usize) -> Vec<f64> {
+    let config = caddy.config().await.unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut floors = Vec::new();
+    for _ in 0..count {
+        let started = Instant::now();
+        let response = http
+            .post(format!("{}/load", caddy.admin_url()))
+            .header("Content-Type", "application/json")
+            .header("Cache-Control", "must-revalidate")
+            .body(config.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        floors.push(started.elapsed().as_secs_f64());
+    }
+    floors
+}
+
 async fn bench() {
     let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
     let backend = start_backend(&[], "bench").await;
@@ -54,48 +109,12 @@ async fn bench() {
     let last = stream.info().await.unwrap().state.last_sequence;
     applier.caught_up(last, Duration::from_secs(60)).await;
     let rss_1k = applier.rss_mib();
+    applier.settled().await;
 
-    // One change → served, 10 times.
-    let mut latencies = Vec::new();
-    // When the change was in the log (published, stored, sourced).
-    let mut in_log = Vec::new();
-    for k in 0..10 {
-        let i = 100_000 + k;
-        let started = Instant::now();
-        publish_batched(&js, std::iter::once(up(i, port)), &format!("one{k}")).await;
-        in_log.push(started.elapsed().as_secs_f64());
-        let host = format!("r{i}.bench.test");
-        loop {
-            if let Some((200, body)) = caddy.get(&host).await {
-                if body == "bench" {
-                    break;
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "change never served"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        latencies.push(started.elapsed().as_secs_f64());
-    }
-    // Caddy's floor: a bare forced /load of the same config.
-    let config = caddy.config().await.unwrap();
+    // One change → served, 10 times, then Caddy's floor.
+    let (latencies, in_log) = one_change(&js, &caddy, port, 100_000, 10).await;
+    let floors = load_floor(&caddy, 5).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let mut floors = Vec::new();
-    for _ in 0..5 {
-        let started = Instant::now();
-        let response = http
-            .post(format!("{}/load", caddy.admin_url()))
-            .header("Content-Type", "application/json")
-            .header("Cache-Control", "must-revalidate")
-            .body(config.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success());
-        floors.push(started.elapsed().as_secs_f64());
-    }
 
     // What each push also pays: Caddy adapting a Caddyfile of that size
     // (the same shape the applier generates for these containers).
@@ -144,6 +163,25 @@ async fn bench() {
         (Some(sum), Some(count)) if count > 0.0 => format!("{:.3}", sum / count),
         _ => "?".to_string(),
     };
+
+    // One change → served at 10,000 routes, next to the floor there.
+    applier.settled().await;
+    let (latencies_10k, _) = one_change(&js, &caddy, port, 200_000, 5).await;
+    let floors_10k = load_floor(&caddy, 3).await;
+    println!("  10,000 routes: event -> served median {:.3} s (min {:.3}, max {:.3}); bare forced /load median {:.3} s",
+        median(latencies_10k.clone()), latencies_10k.iter().cloned().fold(f64::MAX, f64::min),
+        latencies_10k.iter().cloned().fold(0.0, f64::max), median(floors_10k.clone()));
+    if std::env::var_os("APPLIER_BENCH_NO_RESTART").is_some() {
+        println!(
+            "  1,000 routes: event -> served median {:.3} s; bare forced /load median {:.3} s",
+            median(latencies.clone()),
+            median(floors.clone())
+        );
+        println!("    of which: change in the log median {:.3} s; /adapt of the 1,000-site Caddyfile median {:.3} s",
+            median(in_log.clone()), median(adapts.clone()));
+        println!("  (APPLIER_BENCH_NO_RESTART: restart figures skipped)");
+        return;
+    }
 
     // 100,000+ events: every container changes nine more times.
     publish_batched(

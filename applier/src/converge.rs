@@ -2,6 +2,10 @@
 //! change, the admin block kept, a sentinel `@id` to notice a Caddy that
 //! lost the config, and isolation of containers whose blocks Caddy refuses.
 //!
+//! The config pushed is composed from each site's own adapt
+//! ([`crate::compose`]), so a push costs adapting what changed; configs it
+//! does not reproduce are adapted whole, with the reason counted.
+//!
 //! Isolation: when Caddy refuses a config, the containers whose blocks
 //! changed since the last accepted config are the suspects. They are
 //! bisected (each probe: the accepted containers plus a group of suspects)
@@ -16,6 +20,7 @@ use caddy_fleet_schema::translate::{assemble, ContainerUnit};
 use serde_json::Value;
 
 use crate::caddy::{CaddyAdmin, CaddyApi, CaddyError};
+use crate::compose::{Composed, Composer, Reason};
 
 /// A container Caddy refused, and Caddy's words.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +63,21 @@ pub struct Converger<C = CaddyAdmin> {
     /// The `admin` block Caddy was running (read once, kept until Caddy is
     /// found to have lost the config): pushes do not ask again.
     running_admin: Option<Option<Value>>,
+    /// Each site's adapted share, to compose configs from.
+    composer: Composer,
+    /// How the configs tried since the last report were made.
+    report: ComposeReport,
+}
+
+/// How the configs a convergence tried were made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ComposeReport {
+    /// Configs composed from the sites' shares.
+    pub composed: u64,
+    /// Configs adapted whole, with why.
+    pub whole: Vec<Reason>,
+    /// Sites (and global options) adapted alone.
+    pub site_adapts: u64,
 }
 
 /// How many checked texts are remembered before the cache starts over.
@@ -75,7 +95,27 @@ impl<C: CaddyApi> Converger<C> {
             refused: BTreeMap::new(),
             checked: BTreeMap::new(),
             running_admin: None,
+            composer: Composer::new(),
+            report: ComposeReport::default(),
         }
+    }
+
+    /// How the configs tried since the last call were made.
+    pub fn take_compose_report(&mut self) -> ComposeReport {
+        let mut report = std::mem::take(&mut self.report);
+        report.site_adapts = std::mem::take(&mut self.composer.site_adapts);
+        report
+    }
+
+    /// Whether sites wait to be adapted alone between pushes.
+    pub fn wants_warming(&self) -> bool {
+        self.composer.wants_warming()
+    }
+
+    /// Adapts a step of the sites waiting (between pushes), so the next
+    /// pushes are composed.
+    pub async fn warm(&mut self) -> Result<(), CaddyError> {
+        self.composer.warm(&self.caddy).await
     }
 
     /// Containers Caddy refused at the last convergence.
@@ -143,7 +183,8 @@ impl<C: CaddyApi> Converger<C> {
             .iter()
             .filter(|u| !self.refused.contains_key(&u.container_id))
             .collect();
-        let text = assemble(self.base.as_ref(), candidates.iter().copied()).marshal();
+        let file = assemble(self.base.as_ref(), candidates.iter().copied());
+        let text = file.marshal();
         if self
             .pushed
             .as_ref()
@@ -151,7 +192,7 @@ impl<C: CaddyApi> Converger<C> {
         {
             return Ok(Outcome::Unchanged);
         }
-        match self.try_push(&text).await {
+        match self.try_push(&file, &text).await {
             Ok(sentinel) => {
                 self.accept(&candidates, text, sentinel);
                 Ok(Outcome::Pushed { probes: 0 })
@@ -200,8 +241,9 @@ impl<C: CaddyApi> Converger<C> {
             if group.is_empty() {
                 continue;
             }
-            let text = assemble(self.base.as_ref(), good.iter().chain(&group).copied()).marshal();
-            match self.try_push(&text).await {
+            let file = assemble(self.base.as_ref(), good.iter().chain(&group).copied());
+            let text = file.marshal();
+            match self.try_push(&file, &text).await {
                 Ok(sentinel) => {
                     good.extend(group);
                     loaded = Some((text, sentinel));
@@ -224,8 +266,9 @@ impl<C: CaddyApi> Converger<C> {
             Some(loaded) => loaded,
             // Every suspect was refused: push what was accepted before.
             None => {
-                let text = assemble(self.base.as_ref(), good.iter().copied()).marshal();
-                let sentinel = self.try_push(&text).await?;
+                let file = assemble(self.base.as_ref(), good.iter().copied());
+                let text = file.marshal();
+                let sentinel = self.try_push(&file, &text).await?;
                 (text, sentinel)
             }
         };
@@ -266,10 +309,20 @@ impl<C: CaddyApi> Converger<C> {
         self.pushed = Some((text, sentinel));
     }
 
-    /// Adapts `caddyfile`, keeps the admin endpoint, tags the config with
-    /// a sentinel `@id` and loads it. Returns the sentinel.
-    async fn try_push(&mut self, caddyfile: &str) -> Result<String, CaddyError> {
-        let mut json = self.caddy.adapt(caddyfile).await?;
+    /// Composes `file` (whose text is `caddyfile`) from its sites' shares,
+    /// or has Caddy adapt it whole; keeps the admin endpoint, tags the
+    /// config with a sentinel `@id` and loads it. Returns the sentinel.
+    async fn try_push(&mut self, file: &Caddyfile, caddyfile: &str) -> Result<String, CaddyError> {
+        let mut json = match self.composer.compose(&self.caddy, file).await? {
+            Composed::Config(json) => {
+                self.report.composed += 1;
+                json
+            }
+            Composed::Whole(reason) => {
+                self.report.whole.push(reason);
+                self.caddy.adapt(caddyfile).await?
+            }
+        };
         if !json.is_object() {
             json = Value::Object(Default::default());
         }

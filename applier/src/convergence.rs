@@ -11,7 +11,10 @@
 //!
 //! Every wait (the next change, a retry, the health tick, SIGHUP) is one
 //! `select!`; a push in flight is the only other thing the task does, and
-//! consumption goes on meanwhile (see [`crate::consumption`]).
+//! consumption goes on meanwhile (see [`crate::consumption`]). When nothing
+//! is due, the same `select!` adapts sites alone a step at a time (after a
+//! restart, say), so later pushes are composed instead of adapted whole
+//! (see [`crate::compose`]); a change arriving stops that step.
 
 use std::time::Duration;
 
@@ -64,7 +67,9 @@ pub async fn run<C: CaddyApi>(
             };
             let (units, outside) = render(&snapshot, &config, &mut owners, &mut cache, stats);
             let started = std::time::Instant::now();
-            match converger.converge(&units).await {
+            let converged = converger.converge(&units).await;
+            stats.composed(converger.take_compose_report());
+            match converged {
                 Ok(outcome) => {
                     let took = started.elapsed();
                     let latency = snapshot.changed_since.map(|t| t.elapsed());
@@ -97,6 +102,14 @@ pub async fn run<C: CaddyApi>(
                 }
                 due = true;
                 board.update(|v| v.converged = false);
+            }
+            // Between pushes: adapt sites alone, so later pushes compose
+            // the config instead of adapting it whole.
+            warmed = converger.warm(), if !due && retry_at.is_none() && converger.wants_warming() => {
+                stats.composed(converger.take_compose_report());
+                if let Err(error) = warmed {
+                    tracing::debug!(%error, "Adapting sites alone failed; the next push adapts what it needs.");
+                }
             }
             // A failed push is due again.
             () = tokio::time::sleep_until(retry_deadline), if retry_at.is_some() => {

@@ -19,6 +19,7 @@
 
 pub mod caddy;
 pub mod checkpoint;
+pub mod compose;
 pub mod config;
 pub mod consumption;
 pub mod converge;

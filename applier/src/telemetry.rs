@@ -50,6 +50,9 @@ pub(crate) struct Metrics {
     pub consumer_lag: Gauge,
     pub last_seq: Gauge,
     pub converged: Gauge,
+    pub composed_configs: Counter,
+    pub whole_adapts: Family<Reason, Counter>,
+    pub site_adapts: Counter,
 }
 
 impl Default for Metrics {
@@ -71,6 +74,9 @@ impl Default for Metrics {
             consumer_lag: Gauge::default(),
             last_seq: Gauge::default(),
             converged: Gauge::default(),
+            composed_configs: Counter::default(),
+            whole_adapts: Family::default(),
+            site_adapts: Counter::default(),
         };
         registry.register(
             "events_folded",
@@ -132,6 +138,21 @@ impl Default for Metrics {
             "1 when Caddy runs the config for the current state",
             metrics.converged.clone(),
         );
+        registry.register(
+            "composed_configs",
+            "Configs composed from per-site adapted shares instead of adapting the whole Caddyfile",
+            metrics.composed_configs.clone(),
+        );
+        registry.register(
+            "whole_adapts",
+            "Configs adapted whole instead of composed, by reason",
+            metrics.whole_adapts.clone(),
+        );
+        registry.register(
+            "site_adapts",
+            "Caddy adapts of one site alone (or of the global options), to compose configs from",
+            metrics.site_adapts.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -147,6 +168,8 @@ pub struct Stats {
     rejected: Mutex<Vec<Rejected>>,
     /// Which (subject agent, reason) pairs of skipped messages were logged.
     skipped: Mutex<SkippedMessages>,
+    /// The kinds of whole-adapt reasons already logged at info.
+    whole_kinds: Mutex<HashSet<&'static str>>,
 }
 
 /// Each (agent, reason) pair of skipped messages is logged once, so an
@@ -189,6 +212,32 @@ impl Stats {
             push_failures: outcome("failed"),
             rejected_containers: m.rejected_containers.get().max(0) as u64,
             checkpoints: m.checkpoints.get(),
+        }
+    }
+
+    /// How the configs of a convergence were made: composed from sites'
+    /// shares, or adapted whole (each reason logged once per kind at info,
+    /// then at debug).
+    pub(crate) fn composed(&self, report: crate::converge::ComposeReport) {
+        let m = &self.metrics;
+        m.composed_configs.inc_by(report.composed);
+        m.site_adapts.inc_by(report.site_adapts);
+        for reason in report.whole {
+            m.whole_adapts
+                .get_or_create(&Reason {
+                    reason: reason.kind.to_string(),
+                })
+                .inc();
+            let first = self
+                .whole_kinds
+                .lock()
+                .map(|mut kinds| kinds.insert(reason.kind))
+                .unwrap_or(false);
+            if first {
+                tracing::info!(reason = %reason, "The config is adapted whole instead of composed from its sites.");
+            } else {
+                tracing::debug!(reason = %reason, "The config is adapted whole instead of composed from its sites.");
+            }
         }
     }
 

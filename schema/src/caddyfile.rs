@@ -262,6 +262,22 @@ impl Caddyfile {
         }
         out
     }
+
+    /// The top-level blocks in [`Caddyfile::marshal`]'s order, each with
+    /// its own text: the texts joined are exactly `marshal()`.
+    pub fn marshal_blocks(&self) -> Vec<(Block, String)> {
+        let mut sorted = self.clone();
+        sorted.sort();
+        sorted
+            .blocks
+            .into_iter()
+            .map(|block| {
+                let mut text = String::new();
+                write_block(&mut text, &block, 0);
+                (block, text)
+            })
+            .collect()
+    }
 }
 
 fn merge_blocks(into: &mut Vec<Block>, blocks: Vec<Block>) {
@@ -425,6 +441,15 @@ mod tests {
             file.marshal(),
             "localhost {\n\tgroup {\n\t\ta value-a\n\t\tgroup {\n\t\t\tb value-b\n\t\t}\n\t}\n}\n"
         );
+    }
+
+    #[test]
+    fn marshal_blocks_join_to_marshal() {
+        let file = Caddyfile::parse("b.test {\n\trespond b\n}\n(s) {\n\ttls internal\n}\n{\n\tdebug\n}\na.test {\n\timport s\n}\n").unwrap();
+        let blocks = file.marshal_blocks();
+        let joined: String = blocks.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(joined, file.marshal());
+        assert!(blocks[0].0.is_global() && blocks[1].0.is_snippet());
     }
 
     #[test]

@@ -781,6 +781,33 @@ impl ApplierProcess {
         }
     }
 
+    /// Waits (at most 120 s) until the applier has stopped adapting sites
+    /// alone between pushes (a counter absent counts as settled).
+    pub async fn settled(&self) {
+        let started = Instant::now();
+        let mut last = None;
+        loop {
+            let metrics = reqwest::get(format!("{}/metrics", self.status)).await.ok();
+            let metrics = match metrics {
+                Some(m) => m.text().await.unwrap_or_default(),
+                None => String::new(),
+            };
+            let count = metrics
+                .lines()
+                .find(|l| l.starts_with("caddy_fleet_site_adapts_total "))
+                .and_then(|l| l.split(' ').nth(1))
+                .map(str::to_string);
+            if count.is_none() || (count == last && started.elapsed() > Duration::from_secs(1)) {
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                return;
+            }
+            last = count;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+    }
+
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -813,4 +840,12 @@ pub fn bench_main(bench: impl Future<Output = ()>) {
         .build()
         .expect("tokio runtime")
         .block_on(bench);
+}
+
+/// [`ensure_images`], unless the test was pointed at a Caddy already
+/// running (`CADDY_FLEET_TEST_CADDY_ADMIN`).
+pub fn ensure_images_unless_local() {
+    if std::env::var_os("CADDY_FLEET_TEST_CADDY_ADMIN").is_none() {
+        ensure_images();
+    }
 }

@@ -1,0 +1,390 @@
+//! The whole config from the sites' shares, as Caddy's adapter combines
+//! site blocks (`serversFromPairings` and `buildTLSApp` in
+//! `httpcaddyfile`): servers per listener set, named in the order of
+//! their addresses; within a server, sites from most to least specific
+//! host; route groups numbered in Caddy's order; `automatic_https` skip
+//! lists, the catch-all TLS connection policy, and TLS automation
+//! policies consolidated across sites.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Map, Value};
+
+use super::address::{listeners_use_any_port_other_than, specificity};
+use super::gosort::slice_stable;
+use super::site::{has_host_matcher, Globals, Site};
+use super::tls::{consolidate, Policy};
+use super::Reason;
+
+/// Caddy's order of site blocks in one server: most specific host first,
+/// wildcard hosts after plain ones, catch-alls last, then longer paths.
+fn site_less(i: &Site, j: &Site) -> bool {
+    let facts = |s: &Site| {
+        let (mut host, mut path, mut wildcard) = ("", "", false);
+        for k in &s.keys {
+            if k.host.contains('*') || k.host.is_empty() {
+                wildcard = true;
+            }
+            if specificity(&k.host) > specificity(host) {
+                host = &k.host;
+            }
+            if specificity(&k.path) > specificity(path) {
+                path = &k.path;
+            }
+        }
+        (specificity(host), path.len(), wildcard)
+    };
+    let (ih, ip, iw) = facts(i);
+    let (jh, jp, jw) = facts(j);
+    if ih == 0 {
+        return false;
+    }
+    if jh == 0 {
+        return true;
+    }
+    if iw != jw {
+        return jw && !iw;
+    }
+    if ih == jh {
+        return ip > jp;
+    }
+    ih > jh
+}
+
+/// Adjacent routes with the same matchers, terminality and group become
+/// one (Caddy's `consolidateRoutes`).
+fn consolidate_routes(routes: Vec<Value>) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::with_capacity(routes.len());
+    for route in routes {
+        if let Some(last) = out.last_mut() {
+            let same = ["match", "terminal", "group"]
+                .iter()
+                .all(|k| last.get(*k) == route.get(*k));
+            if same {
+                let mut handlers = route
+                    .get("handle")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                if !handlers.is_empty() {
+                    let into = last.as_object_mut().map(|o| {
+                        o.entry("handle")
+                            .or_insert_with(|| Value::Array(Vec::new()))
+                    });
+                    if let Some(Value::Array(list)) = into {
+                        list.append(&mut handlers);
+                    }
+                }
+                continue;
+            }
+        }
+        out.push(route);
+    }
+    out
+}
+
+/// A site's routes with its group numbers moved to where they fall in
+/// the whole config.
+fn renumbered(site: &Site, parse_offset: u64, build_offset: u64) -> Vec<Value> {
+    let mut routes = Value::Array(site.routes.clone());
+    for group in &site.groups {
+        let number = if group.site_phase {
+            build_offset + (group.local - site.build_base)
+        } else {
+            parse_offset + group.local
+        };
+        if let Some(slot) = routes.pointer_mut(&group.pointer) {
+            *slot = Value::String(format!("group{number}"));
+        }
+    }
+    match routes {
+        Value::Array(routes) => routes,
+        _ => Vec::new(),
+    }
+}
+
+#[derive(PartialEq)]
+enum Scheme {
+    Http,
+    Https,
+}
+
+/// The whole config for `sites`, in the order of the Caddyfile.
+pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Value, Reason> {
+    let http_port = globals.http_port.to_string();
+    let https_port = globals.https_port.to_string();
+
+    // Servers: one per set of listener addresses; sets must not overlap.
+    let mut by_listen: HashMap<&[String], usize> = HashMap::new();
+    let mut servers: Vec<(&[String], Vec<usize>)> = Vec::new();
+    let mut owner: HashMap<&str, usize> = HashMap::new();
+    for (i, site) in sites.iter().enumerate() {
+        let index = *by_listen.entry(site.listen.as_slice()).or_insert_with(|| {
+            servers.push((site.listen.as_slice(), Vec::new()));
+            servers.len() - 1
+        });
+        servers[index].1.push(i);
+        for address in &site.listen {
+            if *owner.entry(address).or_insert(index) != index {
+                return Err(Reason::new(
+                    "overlapping-listeners",
+                    format!("sites share listener {address} but not all of their listeners"),
+                ));
+            }
+        }
+    }
+    servers.sort_by(|a, b| a.0.iter().min().cmp(&b.0.iter().min()));
+    for (_, members) in &mut servers {
+        slice_stable(members, &mut |&i, &j| site_less(sites[i], sites[j]));
+    }
+
+    // Route groups: first those given while parsing, site by site in the
+    // file; then those given when building, in server order.
+    let mut parse_offsets = Vec::with_capacity(sites.len());
+    let mut total = 0u64;
+    for site in sites {
+        parse_offsets.push(total);
+        total += site.a;
+    }
+    let mut build_offset = total;
+
+    let flags = sites.first().map(|s| s.flags.clone()).unwrap_or_default();
+    let mut hostless_policies = 0;
+    let mut policies: Vec<Policy> = Vec::new();
+    let mut out_servers = Map::new();
+    for (n, (listen, members)) in servers.iter().enumerate() {
+        let mut seen_keys: HashSet<&str> = HashSet::new();
+        for &i in members {
+            for key in &sites[i].key_texts {
+                if !seen_keys.insert(key) {
+                    return Err(Reason::new(
+                        "ambiguous",
+                        format!("ambiguous site definition: {key}"),
+                    ));
+                }
+            }
+        }
+        let extras = &sites[members[0]].extras;
+        let not_http_only = listeners_use_any_port_other_than(listen, globals.http_port);
+        let mut auto_https: Option<(Map<String, Value>, Vec<String>)> =
+            (!flags.is_empty()).then(|| (flags.clone(), Vec::new()));
+        // The skip list's hosts, for quick lookups.
+        let mut skipped: HashSet<String> = HashSet::new();
+        let mut will_add = !flags
+            .get("disable")
+            .is_some_and(|d| d == &Value::Bool(true));
+        let mut qualifies = false;
+        let mut scheme: Option<Scheme> = None;
+        let mut routes = Vec::new();
+        for &i in members {
+            let site = sites[i];
+            if site.flags != flags {
+                return Err(Reason::new(
+                    "auto-https",
+                    "sites differ in automatic HTTPS flags",
+                ));
+            }
+            if &site.extras != extras {
+                return Err(Reason::new(
+                    "server-options",
+                    "sites on one listener differ in server options",
+                ));
+            }
+            for addr in &site.keys {
+                if not_http_only && addr.scheme == "http" && !addr.host.is_empty() {
+                    let (_, skip) = auto_https.get_or_insert_with(|| (Map::new(), Vec::new()));
+                    if skipped.insert(addr.host.clone()) {
+                        skip.push(addr.host.clone());
+                    }
+                }
+                let tls_enabled =
+                    site.uses_tls || (!addr.host.is_empty() && !skipped.contains(&addr.host));
+                if addr.scheme == "https"
+                    || (addr.scheme != "http" && addr.port != http_port && tls_enabled)
+                {
+                    qualifies = true;
+                }
+                will_add = will_add
+                    && (addr.port == https_port
+                        || (addr.port != http_port && !addr.host.is_empty()));
+            }
+            let site_routes = renumbered(site, parse_offsets[i], build_offset);
+            build_offset += site.b;
+            let wrap =
+                !site.matchers.is_empty() || members.len() > 1 || has_host_matcher(&site_routes);
+            if wrap {
+                if site.matchers.is_empty() && site_routes.is_empty() {
+                    continue;
+                }
+                let mut route = Map::new();
+                if !site.matchers.is_empty() {
+                    route.insert("match".into(), Value::Array(site.matchers.clone()));
+                }
+                if !site_routes.is_empty() {
+                    let mut subroute = Map::new();
+                    subroute.insert("handler".into(), "subroute".into());
+                    subroute.insert("routes".into(), Value::Array(site_routes));
+                    route.insert("handle".into(), Value::Array(vec![Value::Object(subroute)]));
+                }
+                route.insert("terminal".into(), Value::Bool(true));
+                routes.push(Value::Object(route));
+            } else {
+                routes.extend(site_routes);
+            }
+        }
+        // A server cannot serve both HTTP and HTTPS (Caddy refuses it).
+        for &i in members {
+            for addr in &sites[i].keys {
+                let wants = if addr.scheme == "http" || addr.port == http_port {
+                    Some(Scheme::Http)
+                } else if addr.scheme == "https" || addr.port == https_port {
+                    Some(Scheme::Https)
+                } else if addr.host.is_empty() {
+                    Some(Scheme::Http)
+                } else {
+                    None
+                };
+                if let Some(wants) = wants {
+                    if scheme.as_ref().is_some_and(|s| *s != wants) {
+                        return Err(Reason::new(
+                            "mixed-schemes",
+                            "a server would serve both HTTP and HTTPS",
+                        ));
+                    }
+                    scheme = Some(wants);
+                }
+            }
+        }
+        if members.len() > 1 {
+            routes = consolidate_routes(routes);
+        }
+        let mut server = extras.clone();
+        server.insert(
+            "listen".into(),
+            Value::Array(listen.iter().cloned().map(Value::String).collect()),
+        );
+        if !routes.is_empty() {
+            server.insert("routes".into(), Value::Array(routes));
+        }
+        if let Some((mut object, skip)) = auto_https {
+            if !skip.is_empty() {
+                object.insert(
+                    "skip".into(),
+                    Value::Array(skip.into_iter().map(Value::String).collect()),
+                );
+            }
+            server.insert("automatic_https".into(), Value::Object(object));
+        }
+        if qualifies
+            && (!will_add || !globals.default_sni.is_empty() || !globals.fallback_sni.is_empty())
+        {
+            let mut cp = Map::new();
+            if !globals.default_sni.is_empty() {
+                cp.insert("default_sni".into(), globals.default_sni.clone().into());
+            }
+            if !globals.fallback_sni.is_empty() {
+                cp.insert("fallback_sni".into(), globals.fallback_sni.clone().into());
+            }
+            server.insert(
+                "tls_connection_policies".into(),
+                Value::Array(vec![Value::Object(cp)]),
+            );
+        }
+        out_servers.insert(format!("srv{n}"), Value::Object(server));
+        if not_http_only {
+            for &i in members {
+                for policy in &sites[i].policies {
+                    if policy.subjects.is_empty() {
+                        hostless_policies += 1;
+                    }
+                    policies.push(policy.clone());
+                }
+            }
+        }
+    }
+    if hostless_policies > 1 {
+        return Err(Reason::new(
+            "catch-all-policies",
+            "several catch-all sites have TLS automation policies (Caddy shares one between them)",
+        ));
+    }
+
+    let mut config = globals.skeleton.clone();
+    if !out_servers.is_empty() {
+        config["apps"]["http"]["servers"] = Value::Object(out_servers);
+    }
+    // Caddy leaves no automation policy when every site's is empty, and
+    // consolidates them when none is. When only some are, Caddy 2.11's
+    // consolidation is not the one its source of record reads (it keeps
+    // empty policies for internal names and drops the last empty one),
+    // so such configs are adapted whole.
+    let set = policies.iter().filter(|p| !p.settings.is_empty()).count();
+    if set > 0 && set < policies.len() {
+        let plain = policies.iter().find(|p| p.settings.is_empty());
+        return Err(Reason::new(
+            "tls-automation-mixed",
+            format!(
+                "some sites set TLS automation options (tls directive) and others do not ({:?})",
+                plain.map(|p| &p.subjects)
+            ),
+        ));
+    }
+    if set > 0 {
+        if let Some(policies) = consolidate(policies).filter(|p| !p.is_empty()) {
+            let mut subjects = HashSet::new();
+            for policy in &policies {
+                for subject in &policy.subjects {
+                    if !subjects.insert(subject) {
+                        return Err(Reason::new(
+                            "overlapping-policies",
+                            format!(
+                                "hostname appears in more than one automation policy: {subject}"
+                            ),
+                        ));
+                    }
+                }
+            }
+            config["apps"]["tls"]["automation"]["policies"] =
+                Value::Array(policies.iter().map(Policy::to_json).collect());
+        }
+    }
+    Ok(config)
+}
+
+/// The first path where `a` and `b` differ, for naming what a site adds.
+pub fn first_difference(a: &Value, b: &Value, path: &mut String) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for key in x.keys().chain(y.keys()) {
+                let (p, q) = (x.get(key), y.get(key));
+                if p != q {
+                    let len = path.len();
+                    path.push('.');
+                    path.push_str(key);
+                    let found = match (p, q) {
+                        (Some(p), Some(q)) => first_difference(p, q, path),
+                        _ => Some(path.clone()),
+                    };
+                    path.truncate(len);
+                    return found;
+                }
+            }
+            None
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                if p != q {
+                    let len = path.len();
+                    path.push('.');
+                    path.push_str(&i.to_string());
+                    let found = first_difference(p, q, path);
+                    path.truncate(len);
+                    return found;
+                }
+            }
+            None
+        }
+        _ if a == b => None,
+        _ => Some(path.clone()),
+    }
+}
