@@ -15,13 +15,9 @@
 mod browser;
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use browser::Browser;
-use caddy_fleet::applier::status::{AgentView, ContainerRef, RejectedView};
-use caddy_fleet::applier::StatusBoard;
-use caddy_fleet::schema::routes::{RouteContainer, RouteRow};
 use support::*;
 
 /// The label value that tries to run script in the page.
@@ -149,20 +145,19 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_no_label_text() {
         .await;
 
     // Starting a container adds its row live.
+    let mut changes = board.subscribe();
     let _second = start_backend(&web_labels(&second, &id), "second").await;
-    let on_board = wait_for(
-        "the board to list the second site",
-        Duration::from_secs(30),
-        || async {
-            board
-                .view()
-                .routes
-                .iter()
-                .any(|r| r.site.contains(&second))
-                .then(unix_ms)
-        },
-    )
-    .await;
+    // When the board lists it, woken by the board's own change signal.
+    let on_board = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if board.view().routes.iter().any(|r| r.site.contains(&second)) {
+                return unix_ms();
+            }
+            changes.changed().await.expect("the board lives");
+        }
+    })
+    .await
+    .expect("the board lists the second site within 30 s");
     let appeared = wait_for(
         "the row to appear live",
         Duration::from_secs(10),
@@ -277,93 +272,36 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_no_label_text() {
     let mut figures = Vec::new();
     for _ in 0..5 {
         browser.client.goto(&format!("{big_url}/")).await.unwrap();
-        let timing = browser
-            .eval(
-                "const n = performance.getEntriesByType('navigation')[0];
-                 const p = performance.getEntriesByName('first-contentful-paint')[0];
-                 return [n.responseEnd, n.domContentLoadedEventEnd, p ? p.startTime : null];",
-            )
-            .await;
-        figures.push(timing);
+        // The paint entry is recorded just after the paint.
+        let timing = wait_for("the paint timing", Duration::from_secs(10), || async {
+            let t = browser
+                .eval(
+                    "const n = performance.getEntriesByType('navigation')[0];
+                     const p = performance.getEntriesByName('first-contentful-paint')[0];
+                     return p && n.domContentLoadedEventEnd > 0 ? [n.responseEnd, n.domContentLoadedEventEnd, p.startTime] : null;",
+                )
+                .await;
+            (!t.is_null()).then_some(t)
+        })
+        .await;
+        figures.push(timing[2].as_f64().unwrap());
     }
-    println!("dashboard: 1,000 sites, [response end, DOMContentLoaded, first contentful paint] in ms, 5 loads: {figures:?}");
+    println!("dashboard: 1,000 sites, first contentful paint in ms over 5 loads (debug build; cargo bench --bench dashboard for the release figure): {figures:?}");
     let rows = browser
         .eval("return document.querySelectorAll('#sites-rows tr').length;")
         .await;
     assert_eq!(rows, 50, "one page of the 1,000 sites");
-    let last = figures.last().unwrap();
-    let paint = last[2].as_f64().unwrap_or(f64::MAX);
-    assert!(paint < 1000.0, "first contentful paint took {paint} ms");
+    // A guard against a regression by an order of magnitude, not the
+    // figure itself (a debug build on a machine running other tests).
+    let best = figures.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        best < 1000.0,
+        "first contentful paint took {best} ms at best"
+    );
 
     browser.close().await;
     let _ = stop_big.send(());
     let _ = stop_status.send(());
     publisher.stop().await;
     applier.stop().await;
-}
-
-/// Serves `board` with `dashboard` on a free loopback port.
-fn serve_dashboard(
-    board: Arc<StatusBoard>,
-    dashboard: caddy_fleet::applier::dashboard::Dashboard,
-) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-        let _ = caddy_fleet::serve_status_with(listener, board, dashboard, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    (url, tx)
-}
-
-/// A board with `sites` sites on 20 agents and a few refused containers.
-fn synthetic_board(sites: usize) -> Arc<StatusBoard> {
-    let board = Arc::new(StatusBoard::default());
-    board.update(|v| {
-        v.consumer_attached = true;
-        v.converged = true;
-        v.routes = (0..sites)
-            .map(|i| RouteRow {
-                site: format!("http://site-{i:04}.example.com"),
-                upstreams: vec![format!("10.0.{}.{}:{}", i / 250, i % 250, 8000 + i % 100)],
-                containers: vec![RouteContainer {
-                    agent: format!("host-{:02}", i % 20),
-                    container: format!("web-{i:04}"),
-                    container_id: format!("{i:064x}"),
-                    since_seq: i as u64 + 1,
-                }],
-            })
-            .collect();
-        v.agents = (0..20)
-            .map(|a| AgentView {
-                agent: format!("host-{a:02}"),
-                host_address: Some(format!("10.0.0.{a}")),
-                last_heartbeat_ms: Some(unix_ms() as u64),
-                silent_for_secs: 1,
-                stale: false,
-                expired: false,
-                containers: sites / 20,
-            })
-            .collect();
-        v.rejected = (0..5)
-            .map(|i| RejectedView {
-                container: ContainerRef {
-                    agent: "host-00".into(),
-                    container: format!("bad-{i}"),
-                    container_id: format!("bad{i}"),
-                },
-                by: "labels",
-                reason: "label caddy.reverse_proxy: function \"nosuch\" not defined".into(),
-            })
-            .collect();
-        v.last_seq = sites as u64;
-        v.folded_seq = sites as u64;
-        v.consumer_lag = Some(0);
-    });
-    board
 }

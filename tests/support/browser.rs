@@ -52,23 +52,25 @@ impl Browser {
             "caddy-fleet-chromium-{}",
             uuid::Uuid::new_v4().simple()
         ));
+        let mut args = vec![
+            "--headless=new".to_string(),
+            // As root in a container Chromium has no sandbox to use.
+            "--no-sandbox".to_string(),
+            "--disable-gpu".to_string(),
+            "--disable-dev-shm-usage".to_string(),
+            "--no-first-run".to_string(),
+            "--no-proxy-server".to_string(),
+            format!("--window-size={width},{height}"),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        // More flags, e.g. `--force-dark-mode` for the dark theme.
+        if let Ok(extra) = std::env::var("CADDY_FLEET_BROWSER_ARGS") {
+            args.extend(extra.split_whitespace().map(str::to_string));
+        }
         let mut caps = Capabilities::new();
         caps.insert(
             "goog:chromeOptions".to_string(),
-            serde_json::json!({
-                "binary": chromium,
-                "args": [
-                    "--headless=new",
-                    // As root in a container Chromium has no sandbox to use.
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-dev-shm-usage",
-                    "--no-first-run",
-                    "--no-proxy-server",
-                    format!("--window-size={width},{height}"),
-                    format!("--user-data-dir={}", profile.display()),
-                ],
-            }),
+            serde_json::json!({ "binary": chromium, "args": args }),
         );
         let url = format!("http://127.0.0.1:{port}");
         let mut builder =

@@ -8,7 +8,15 @@
 (function () {
   const PAGE = 50;
   const $ = (id) => document.getElementById(id);
-  const at = (path) => new URL(path, document.baseURI);
+  // Relative to the page (it may be served under a prefix), without the
+  // credentials a URL may carry (fetch refuses them; the browser sends the
+  // page's own authentication anyway).
+  const at = (path) => {
+    const u = new URL(path, document.baseURI);
+    u.username = '';
+    u.password = '';
+    return u;
+  };
 
   const model = { summary: null, sites: [], agents: [], refused: [], pushes: [] };
   const asked = new URLSearchParams(window.location.search);
@@ -215,7 +223,7 @@
           $('routes-at').scrollIntoView();
           $('at').focus();
         });
-        return tr([td(l.time), td(l.seq, 'num'), td(l.agent), td(l.container), td(l.change), td(b)]);
+        return tr([td(l.time, 'nowrap'), td(l.seq, 'num'), td(l.agent), td(l.container), td(l.change), td(b, 'nowrap')]);
       }, true);
     },
   };

@@ -825,6 +825,63 @@ mod tests {
         assert_eq!(model.summary.agents, 2);
     }
 
+    /// Reads `response` until its text so far holds `needle`.
+    async fn read_until(response: &mut reqwest::Response, seen: &mut String, needle: &str) {
+        let read = async {
+            while !seen.contains(needle) {
+                let chunk = response.chunk().await.unwrap().expect("the stream goes on");
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {seen}"));
+    }
+
+    #[tokio::test]
+    async fn live_streams_send_what_changed_and_end_at_shutdown() {
+        let board = Arc::new(StatusBoard::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::status::serve_with(
+            listener,
+            board.clone(),
+            Dashboard::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mut events = client
+            .get(format!("http://{addr}/dashboard/events"))
+            .send()
+            .await
+            .unwrap();
+        let mut seen = String::new();
+        // Every section at once.
+        read_until(&mut events, &mut seen, "event: pushes").await;
+        assert!(seen.contains("event: hello") && seen.contains("event: sites"));
+        seen.clear();
+        board.update(|v| {
+            v.routes = vec![RouteRow {
+                site: "http://live.test".into(),
+                upstreams: Vec::new(),
+                containers: Vec::new(),
+            }]
+        });
+        read_until(&mut events, &mut seen, "live.test").await;
+        assert!(seen.contains("event: sites"), "{seen}");
+        assert!(!seen.contains("event: agents"), "only what changed: {seen}");
+        // Shutdown is not held up by the open stream.
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops with a live stream open")
+            .unwrap()
+            .unwrap();
+    }
+
     #[test]
     fn empty_filters_count_as_not_given() {
         let q = page_query(vec![

@@ -128,12 +128,12 @@ pub fn render(
                                 &["Time", "Sequence", "Agent", "Container", "Change", "Routes then"],
                                 timeline.and_then(|t| t.as_ref().ok()).into_iter().flat_map(|t| t.lines.iter().rev()).map(|l| html! {
                                     tr {
-                                        td { (l.time.as_deref().unwrap_or("–")) }
+                                        td.nowrap { (l.time.as_deref().unwrap_or("–")) }
                                         td.num { (l.seq) }
                                         td { (l.agent) }
                                         td { (l.container.as_deref().unwrap_or("–")) }
                                         td { (l.change) }
-                                        td { a href={"?at=" (l.seq) "#routes-at"} { "routes at " (l.seq) } }
+                                        td.nowrap { a href={"?at=" (l.seq) "#routes-at"} { "routes at " (l.seq) } }
                                     }
                                 }),
                                 "No change in this window.",
