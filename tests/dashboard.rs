@@ -144,20 +144,27 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_no_label_text() {
         ))
         .await;
 
-    // Starting a container adds its row live.
-    let mut changes = board.subscribe();
-    let _second = start_backend(&web_labels(&second, &id), "second").await;
-    // When the board lists it, woken by the board's own change signal.
-    let on_board = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if board.view().routes.iter().any(|r| r.site.contains(&second)) {
-                return unix_ms();
+    // Starting a container adds its row live. When the board lists it is
+    // noted by a task woken by the board's own change signal (starting
+    // the container returns only once it logs, often after that).
+    let listed = tokio::spawn({
+        let board = board.clone();
+        let second = second.clone();
+        let mut changes = board.subscribe();
+        async move {
+            loop {
+                if board.view().routes.iter().any(|r| r.site.contains(&second)) {
+                    return unix_ms();
+                }
+                changes.changed().await.expect("the board lives");
             }
-            changes.changed().await.expect("the board lives");
         }
-    })
-    .await
-    .expect("the board lists the second site within 30 s");
+    });
+    let _second = start_backend(&web_labels(&second, &id), "second").await;
+    let on_board = tokio::time::timeout(Duration::from_secs(30), listed)
+        .await
+        .expect("the board lists the second site within 30 s")
+        .expect("the watch task");
     let appeared = wait_for(
         "the row to appear live",
         Duration::from_secs(10),
