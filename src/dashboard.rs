@@ -116,17 +116,15 @@ impl InspectLog {
         })
     }
 
-    async fn seq_times(&self, seqs: Vec<u64>) -> Vec<(u64, i64)> {
-        let Ok(reader) = self.reader().await else {
-            return Vec::new();
-        };
+    async fn seq_times(&self, seqs: Vec<u64>) -> Result<Vec<(u64, i64)>, String> {
+        let reader = self.reader().await?;
         let mut out = Vec::new();
         for seq in seqs {
             if let Some(ms) = reader.time_of(seq).await {
                 out.push((seq, ms));
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -139,7 +137,7 @@ impl LogReads for InspectLog {
         self.routes(at).boxed()
     }
 
-    fn times(&self, seqs: Vec<u64>) -> BoxFuture<'_, Vec<(u64, i64)>> {
+    fn times(&self, seqs: Vec<u64>) -> BoxFuture<'_, Result<Vec<(u64, i64)>, String>> {
         self.seq_times(seqs).boxed()
     }
 }

@@ -391,7 +391,7 @@ impl Stats {
 }
 
 /// Now, in unix milliseconds.
-pub(crate) fn unix_ms() -> u64 {
+fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

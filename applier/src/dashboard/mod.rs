@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 
 use crate::status::{RejectedView, StatusBoard, StatusView};
-use crate::telemetry::{unix_ms, PushRecord};
+use crate::telemetry::PushRecord;
 
 /// Log reads running at once, over all viewers.
 pub const LOG_READS: usize = 2;
@@ -142,8 +142,10 @@ pub trait LogReads: Send + Sync + 'static {
     fn history(&self, query: TimelineQuery) -> BoxFuture<'_, Result<Timeline, String>>;
     /// The routes at a point (`caddy-fleet replay --at <at> --format routes`).
     fn routes_at(&self, at: String) -> BoxFuture<'_, Result<RoutesAt, String>>;
-    /// When the log stored each of `seqs` (unix ms); unknown ones are left out.
-    fn times(&self, seqs: Vec<u64>) -> BoxFuture<'_, Vec<(u64, i64)>>;
+    /// When the log stored each of `seqs` (unix ms); those it no longer
+    /// holds are left out. An error (the log cannot be read now) is tried
+    /// again later.
+    fn times(&self, seqs: Vec<u64>) -> BoxFuture<'_, Result<Vec<(u64, i64)>, String>>;
 }
 
 /// What the dashboard reads besides the [`StatusBoard`]: the log (none in
@@ -323,7 +325,10 @@ impl Model {
 
     /// Each section as the event stream sends it: (event name, JSON).
     fn sections(&self) -> [(&'static str, String); 5] {
-        let json = |v: &dyn erased::Json| v.to_json();
+        fn json(value: &impl Serialize) -> String {
+            // The model's types have string keys: they always serialise.
+            serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+        }
         [
             ("summary", json(&self.summary)),
             ("sites", json(&self.sites)),
@@ -331,19 +336,6 @@ impl Model {
             ("refused", json(&self.refused)),
             ("pushes", json(&self.pushes)),
         ]
-    }
-}
-
-mod erased {
-    /// Serialises any of the model's sections.
-    pub trait Json {
-        fn to_json(&self) -> String;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> String {
-            // The model's types have string keys: they always serialise.
-            serde_json::to_string(self).unwrap_or_else(|_| "null".into())
-        }
     }
 }
 
@@ -427,9 +419,12 @@ impl Shared {
         seqs.truncate(TIMES_PER_ROUND);
         let shared = self.clone();
         tokio::spawn(async move {
-            let found = tokio::time::timeout(READ_TIMEOUT, log.times(seqs.clone()))
-                .await
-                .unwrap_or_default();
+            let found = tokio::time::timeout(READ_TIMEOUT, log.times(seqs.clone())).await;
+            let Ok(Ok(found)) = found else {
+                // Tried again at the next change.
+                shared.resolving.store(false, Ordering::Release);
+                return;
+            };
             if let Ok(mut times) = shared.times.lock() {
                 // Sequences of routes long gone are forgotten now and then.
                 if times.len() > 50_000 {
@@ -617,8 +612,8 @@ async fn routes_at(
 /// (a push updates the board in several steps) before sending.
 const SETTLE: Duration = Duration::from_millis(50);
 
-/// The live stream: `hello` (the server's clock), then every section at
-/// once, then each section again whenever it changes. Ends at shutdown.
+/// The live stream: every section at once, then each section again
+/// whenever it changes. Ends at shutdown.
 async fn events(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     struct Stream {
         shared: Arc<Shared>,
@@ -655,11 +650,6 @@ async fn events(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             } else {
                 s.started = true;
                 s.changes.borrow_and_update();
-                s.pending.push_back(
-                    Event::default()
-                        .event("hello")
-                        .data(format!("{{\"now_ms\":{}}}", unix_ms())),
-                );
             }
             if *s.closed.borrow() {
                 return None;
@@ -861,7 +851,7 @@ mod tests {
         let mut seen = String::new();
         // Every section at once.
         read_until(&mut events, &mut seen, "event: pushes").await;
-        assert!(seen.contains("event: hello") && seen.contains("event: sites"));
+        assert!(seen.contains("event: summary") && seen.contains("event: sites"));
         seen.clear();
         board.update(|v| {
             v.routes = vec![RouteRow {
