@@ -17,7 +17,7 @@ trap 'rm -rf "$ctx"' EXIT
 
 if [ "${REBUILD:-0}" = 1 ] || ! have caddy-fleet:local; then
   (cd "$root" && cargo build --release --locked --bin caddy-fleet)
-  bin="$root/target/release/caddy-fleet"
+  bin="${CARGO_TARGET_DIR:-$root/target}/release/caddy-fleet"
   mkdir -p "$ctx/fleet/rootfs/usr/local/bin" "$ctx/fleet/rootfs/etc" "$ctx/fleet/rootfs/tmp"
   cp "$bin" "$ctx/fleet/rootfs/usr/local/bin/caddy-fleet"
   for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do cp --parents -L "$lib" "$ctx/fleet/rootfs/"; done

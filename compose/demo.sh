@@ -5,8 +5,10 @@
 #
 # A server host (Caddy, NATS, caddy-fleet server mode, whoami-server.localhost)
 # and two simulated remote hosts: agent1 (whoami-remote1.localhost,
-# alt-remote1.localhost) and agent2 (whoami-remote2.localhost), each with its
-# own caddy-fleet agent, NATS user and AGENT_FILTER_LABEL. Images are built
+# alt-remote1.localhost) and agent2 (whoami-remote2.localhost, and a container
+# asking for a site the policy does not grant it), each with its own
+# caddy-fleet agent, NATS user and AGENT_FILTER_LABEL. The dashboard is at
+# http://fleet.localhost:<port>/ (admin / demo). Images are built
 # offline (compose/build-offline-images.sh) unless DEMO_IMAGES=official.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,7 +25,7 @@ while [ $# -gt 0 ]; do
 done
 
 compose() { docker-compose --log-level ERROR "$@"; }
-server() { compose -p caddy-fleet-server -f server.yml "$@"; }
+server() { compose -p caddy-fleet-server -f server.yml -f demo/server.yml "$@"; }
 agent() { # agent N compose-args…
   local n="$1"; shift
   AGENT_ID="agent$n" AGENT_FILTER_LABEL="agent=remote$n" NATS_URL=nats://nats:4222 \
@@ -63,6 +65,9 @@ case "$command" in
     for host in whoami-server whoami-remote1 alt-remote1 whoami-remote2; do
       echo "  curl -H \"Host: $host.localhost\" http://localhost:$port"
     done
+    echo
+    echo "The dashboard (user admin, password demo): http://fleet.localhost:$port/"
+    echo "  (a browser resolves *.localhost itself; curl: curl -u admin:demo -H \"Host: fleet.localhost\" http://localhost:$port/)"
     echo
     echo "Stop with: bash compose/demo.sh down"
     ;;

@@ -9,6 +9,8 @@
 //! - [`settings`]: every setting, layered and validated.
 //! - [`modes`]: standalone, server, agent and applier, built from settings.
 //! - [`agent_admin`]: `agent add|revoke`, one command per host added or removed.
+//! - [`dashboard`]: the dashboard's reads of the log, through the
+//!   debugging commands (injected into the applier's page).
 //!
 //! The read-only debugging commands are their own crate,
 //! `caddy-fleet-inspect` (re-exported as [`inspect`]); the binary runs
@@ -27,6 +29,7 @@ use caddy_fleet_publisher::outbox::{run_sender, Outbox, OutboxSink};
 use caddy_fleet_publisher::PublisherConfig;
 
 pub mod agent_admin;
+pub mod dashboard;
 pub mod modes;
 pub mod settings;
 
@@ -202,6 +205,17 @@ pub async fn serve_status(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     caddy_fleet_applier::status::serve(listener, board, shutdown).await
+}
+
+/// Serves the applier's status endpoints and `dashboard` (see
+/// [`dashboard::with_log`]) on `listener` until `shutdown`.
+pub async fn serve_status_with(
+    listener: tokio::net::TcpListener,
+    board: Arc<StatusBoard>,
+    dashboard: caddy_fleet_applier::dashboard::Dashboard,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    caddy_fleet_applier::status::serve_with(listener, board, dashboard, shutdown).await
 }
 
 /// Why `caddy-fleet labels` could not print a Caddyfile.

@@ -98,7 +98,16 @@ pub async fn run(
             let nats = settings.nats_config(format!("caddy-fleet-applier-{}", config.name))?;
             let listener = status_listener(settings).await?;
             let board = Arc::new(StatusBoard::default());
-            let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));
+            let dashboard = crate::dashboard::with_log(
+                settings.inspect_config()?,
+                settings.policy_file.clone(),
+            );
+            let status = tokio::spawn(crate::serve_status_with(
+                listener,
+                board.clone(),
+                dashboard,
+                stop.wait(),
+            ));
             crate::run_applier(&nats, &settings.stream(), config, board, stop.wait()).await?;
             let _ = status.await;
         }
@@ -111,7 +120,16 @@ pub async fn run(
             let publisher_nats = settings.publisher_nats_config(&agent)?;
             let listener = status_listener(settings).await?;
             let board = Arc::new(StatusBoard::default());
-            let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));
+            let dashboard = crate::dashboard::with_log(
+                settings.inspect_config()?,
+                settings.policy_file.clone(),
+            );
+            let status = tokio::spawn(crate::serve_status_with(
+                listener,
+                board.clone(),
+                dashboard,
+                stop.wait(),
+            ));
             let stream = settings.stream();
             let applied = crate::run_applier(&applier_nats, &stream, applier, board, stop.wait());
             let published = crate::run_publisher(&publisher_nats, publisher, stop.wait());
@@ -147,7 +165,15 @@ pub async fn run(
             let applier = settings.applier_config(Some(&agent))?;
             let listener = status_listener(settings).await?;
             let board = Arc::new(StatusBoard::default());
-            let status = tokio::spawn(crate::serve_status(listener, board.clone(), stop.wait()));
+            // No log in standalone mode: the page has no timeline.
+            let dashboard = caddy_fleet_applier::dashboard::Dashboard::default()
+                .with_policy_file(settings.policy_file.clone());
+            let status = tokio::spawn(crate::serve_status_with(
+                listener,
+                board.clone(),
+                dashboard,
+                stop.wait(),
+            ));
             run_standalone(publisher, applier, board, stop.wait()).await?;
             let _ = status.await;
         }

@@ -210,8 +210,11 @@ fn the_root_crates_modules_form_no_cycle_and_modes_know_nothing_of_inspect() {
     let files = sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     for (module, code) in &files {
         let names_inspect = code.contains("inspect::") || code.contains("caddy_fleet_inspect");
+        // `dashboard` is glue too: it hands the debugging component's
+        // reads to the applier's page (`LogReads`), so the applier never
+        // depends on it.
         assert!(
-            !names_inspect || ["lib", "main", "settings"].contains(&module.as_str()),
+            !names_inspect || ["lib", "main", "settings", "dashboard"].contains(&module.as_str()),
             "src/{module}.rs uses the debugging component; only the binary's glue may"
         );
     }

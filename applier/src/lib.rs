@@ -11,6 +11,8 @@
 //! - [`policy`]: reading and re-reading the policy file.
 //! - [`converge`]: pushing to Caddy, the sentinel, and isolating refused containers.
 //! - [`status`]: `/healthz`, `/readyz`, `/metrics`, `/status`.
+//! - [`dashboard`]: the page at `/`, live from the status board, with a
+//!   timeline read from the log through [`dashboard::LogReads`].
 //! - [`consumption`]: the consume → fold → checkpoint → ack task, which
 //!   hands snapshots of the state to [`convergence`]: the task that pushes
 //!   the newest state to Caddy as soon as the previous push ended.
@@ -24,6 +26,7 @@ pub mod config;
 pub mod consumption;
 pub mod converge;
 pub mod convergence;
+pub mod dashboard;
 pub mod policy;
 mod reconcile;
 pub mod source;

@@ -1,5 +1,6 @@
 //! What the applier shows the world: `/healthz`, `/readyz`, `/metrics`
-//! (Prometheus text) and `/status` (JSON), served on `STATUS_LISTEN`.
+//! (Prometheus text), `/status` (JSON) and the dashboard at `/` (see
+//! [`crate::dashboard`]), served on `STATUS_LISTEN`.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
+use crate::dashboard::Dashboard;
 use crate::telemetry::{By, Stats};
 
 /// The applier's state as `/status` shows it.
@@ -83,6 +85,9 @@ pub struct StatusBoard {
     /// The last sequence folded: set after every message, without a lock.
     folded_seq: std::sync::atomic::AtomicU64,
     pub stats: Stats,
+    /// Counts changes, so readers (the dashboard's live updates) wait for
+    /// one instead of polling.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl StatusBoard {
@@ -104,6 +109,18 @@ impl StatusBoard {
         if let Ok(mut view) = self.view.lock() {
             change(&mut view);
         }
+        self.notify();
+    }
+
+    /// Tells the readers waiting in [`StatusBoard::subscribe`] that
+    /// something they show changed.
+    pub fn notify(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that wakes at every change of the board.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The metrics in the OpenMetrics text format (Prometheus reads it).
@@ -159,19 +176,37 @@ async fn status(State(board): State<Arc<StatusBoard>>) -> Json<StatusView> {
     Json(board.view())
 }
 
-/// Serves the status endpoints on `listener` until `shutdown` completes.
+/// Serves the status endpoints on `listener` until `shutdown` completes,
+/// with a dashboard that has no log to read (no timeline).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     board: Arc<StatusBoard>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    serve_with(listener, board, Dashboard::default(), shutdown).await
+}
+
+/// Serves the status endpoints and `dashboard` on `listener` until
+/// `shutdown` completes. The dashboard's live streams end at shutdown, so
+/// they never hold it up.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    board: Arc<StatusBoard>,
+    dashboard: Dashboard,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let status = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
-        .with_state(board);
+        .with_state(board.clone());
+    let app = status.merge(crate::dashboard::router(board, dashboard, closed));
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = closing.send(true);
+        })
         .await
 }

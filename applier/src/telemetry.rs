@@ -1,9 +1,9 @@
 //! The applier's observable happenings: each function logs one line and
 //! bumps its counter together, so logs and metrics cannot drift apart.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use caddy_fleet_schema::translate::Rejected;
 use caddy_fleet_schema::DecodeError;
@@ -170,6 +170,30 @@ pub struct Stats {
     skipped: Mutex<SkippedMessages>,
     /// The kinds of whole-adapt reasons already logged at info.
     whole_kinds: Mutex<HashSet<&'static str>>,
+    /// The latest pushes, newest last (at most [`RECENT_PUSHES`]).
+    recent: Mutex<VecDeque<PushRecord>>,
+}
+
+/// How many pushes [`Stats::recent_pushes`] remembers.
+pub const RECENT_PUSHES: usize = 50;
+
+/// One push to Caddy, as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PushRecord {
+    /// When it ended, in unix milliseconds.
+    pub at_ms: u64,
+    /// `loaded` (Caddy runs the config) or `failed` (retried).
+    pub outcome: &'static str,
+    /// How long the convergence took (loaded).
+    pub took_ms: Option<u64>,
+    /// When it is tried again (failed).
+    pub retry_in_ms: Option<u64>,
+    /// Containers in the config pushed (loaded).
+    pub containers: Option<usize>,
+    /// From the oldest change it carried being folded to Caddy running it.
+    pub since_change_ms: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// Each (agent, reason) pair of skipped messages is logged once, so an
@@ -278,6 +302,23 @@ impl Stats {
             .get()
     }
 
+    /// The latest pushes (at most [`RECENT_PUSHES`]), oldest first.
+    pub fn recent_pushes(&self) -> Vec<PushRecord> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn remember_push(&self, record: PushRecord) {
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == RECENT_PUSHES {
+                recent.pop_front();
+            }
+            recent.push_back(record);
+        }
+    }
+
     /// The containers left out of the config at the last render, and why.
     pub fn rejected(&self) -> Vec<Rejected> {
         self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
@@ -318,6 +359,15 @@ impl Stats {
             return;
         }
         self.count_push("loaded");
+        self.remember_push(PushRecord {
+            at_ms: unix_ms(),
+            outcome: "loaded",
+            took_ms: Some(took.as_millis() as u64),
+            retry_in_ms: None,
+            containers: Some(containers),
+            since_change_ms: latency.map(|l| l.as_millis() as u64),
+            error: None,
+        });
         self.metrics.push_duration.observe(took.as_secs_f64());
         if let Some(latency) = latency {
             self.metrics.change_to_pushed.observe(latency.as_secs_f64());
@@ -374,6 +424,24 @@ impl Stats {
 
     pub(crate) fn push_failed(&self, error: &dyn std::fmt::Display, retry_in: Duration) {
         self.count_push("failed");
+        self.remember_push(PushRecord {
+            at_ms: unix_ms(),
+            outcome: "failed",
+            took_ms: None,
+            retry_in_ms: Some(retry_in.as_millis() as u64),
+            containers: None,
+            since_change_ms: None,
+            error: Some(
+                caddy_fleet_schema::limits::shortened(&error.to_string(), 1000).to_string(),
+            ),
+        });
         tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, "Caddy push failed; will retry.");
     }
+}
+
+/// Now, in unix milliseconds.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

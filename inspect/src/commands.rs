@@ -13,6 +13,7 @@ use caddy_fleet_schema::routes::{
     RouteDiff, RouteRow,
 };
 use caddy_fleet_schema::translate::translate_state;
+use caddy_fleet_schema::RouteState;
 use serde::Serialize;
 
 use crate::log::{FoldStats, LogReader};
@@ -132,10 +133,23 @@ pub async fn history(
     // Every change is described against the state before it, so the fold
     // starts before `from` (at the nearest snapshot) and lines start at it.
     let mut at = reader.state_at_seq(from.saturating_sub(1)).await?;
+    history_after(reader, &mut at.state, filter, from, to).await
+}
+
+/// The history of what `filter` selects from sequence `from` to `to`,
+/// folding `state` (a state before `from`) on to `to`: a caller that keeps
+/// the state can ask for what follows without folding again.
+pub async fn history_after(
+    reader: &LogReader,
+    state: &mut RouteState,
+    filter: &HistoryFilter,
+    from: u64,
+    to: u64,
+) -> Result<Vec<HistoryLine>, InspectError> {
     let prefix = &reader.options().label_prefix;
     let mut lines = Vec::new();
     reader
-        .fold_into(&mut at.state, to, |before, seq, published_ms, event| {
+        .fold_into(state, to, |before, seq, published_ms, event| {
             if seq < from {
                 return;
             }

@@ -34,8 +34,8 @@ pub mod point;
 pub mod status;
 
 pub use commands::{
-    diff_between, explain_at, history, routes_at, run, Difference, Explanation, Inspect,
-    ReplayFormat, TimedRoutes,
+    diff_between, explain_at, history, history_after, routes_at, run, Difference, Explanation,
+    HistoryLine, Inspect, ReplayFormat, TimedRoutes,
 };
 pub use log::{FoldStart, FoldStats, LogReader, StateAt};
 pub use point::Point;

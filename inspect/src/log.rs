@@ -110,6 +110,13 @@ impl LogReader {
         })
     }
 
+    /// Never draws a progress bar (for readers inside a server, whose
+    /// standard output may be a terminal).
+    pub fn quiet(mut self) -> Self {
+        self.progress = false;
+        self
+    }
+
     /// How labels are translated.
     pub fn options(&self) -> &TranslateOptions {
         &self.options

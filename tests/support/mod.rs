@@ -849,3 +849,71 @@ pub fn ensure_images_unless_local() {
         ensure_images();
     }
 }
+
+/// Serves `board` with `dashboard` (see `caddy_fleet::dashboard::with_log`)
+/// on a free loopback port; the sender stops it.
+pub fn serve_dashboard(
+    board: Arc<StatusBoard>,
+    dashboard: caddy_fleet::applier::dashboard::Dashboard,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let _ = caddy_fleet::serve_status_with(listener, board, dashboard, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    (url, tx)
+}
+
+/// A board with `sites` sites on 20 agents and a few refused containers.
+pub fn synthetic_board(sites: usize) -> Arc<StatusBoard> {
+    let board = Arc::new(StatusBoard::default());
+    board.update(|v| {
+        v.consumer_attached = true;
+        v.converged = true;
+        v.routes = (0..sites)
+            .map(|i| caddy_fleet::schema::routes::RouteRow {
+                site: format!("http://site-{i:04}.example.com"),
+                upstreams: vec![format!("10.0.{}.{}:{}", i / 250, i % 250, 8000 + i % 100)],
+                containers: vec![caddy_fleet::schema::routes::RouteContainer {
+                    agent: format!("host-{:02}", i % 20),
+                    container: format!("web-{i:04}"),
+                    container_id: format!("{i:064x}"),
+                    since_seq: i as u64 + 1,
+                }],
+            })
+            .collect();
+        v.agents = (0..20)
+            .map(|a| caddy_fleet::applier::status::AgentView {
+                agent: format!("host-{a:02}"),
+                host_address: Some(format!("10.0.0.{a}")),
+                last_heartbeat_ms: Some(1_795_773_600_000),
+                silent_for_secs: 1,
+                stale: false,
+                expired: false,
+                containers: sites / 20,
+            })
+            .collect();
+        v.rejected = (0..5)
+            .map(|i| caddy_fleet::applier::status::RejectedView {
+                container: caddy_fleet::applier::status::ContainerRef {
+                    agent: "host-00".into(),
+                    container: format!("bad-{i}"),
+                    container_id: format!("bad{i}"),
+                },
+                by: "labels",
+                reason: "label caddy.reverse_proxy: function \"nosuch\" not defined".into(),
+            })
+            .collect();
+        v.last_seq = sites as u64;
+        v.folded_seq = sites as u64;
+        v.consumer_lag = Some(0);
+    });
+    board.folded(sites as u64);
+    board
+}
