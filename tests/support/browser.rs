@@ -76,18 +76,20 @@ impl Browser {
         let mut builder =
             ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
         builder.capabilities(caps);
-        // chromedriver takes a moment to listen; Chromium to start.
-        let started = std::time::Instant::now();
+        // chromedriver takes a moment to listen; Chromium to start. Tried
+        // again with the project's retry policy, for at most 30 s.
+        let mut retry = caddy_fleet::nats::retry::RetryPolicy::NATS
+            .with_deadline(Duration::from_secs(30))
+            .start();
         let client = loop {
             match builder.connect(&url).await {
                 Ok(client) => break client,
-                Err(error) if started.elapsed() < Duration::from_secs(30) => {
-                    let _ = error;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(error) => {
-                    panic!("cannot start headless Chromium through chromedriver: {error}")
-                }
+                Err(error) => match retry.next_delay() {
+                    Some(delay) => tokio::time::sleep(delay).await,
+                    None => {
+                        panic!("cannot start headless Chromium through chromedriver: {error}")
+                    }
+                },
             }
         };
         Browser {

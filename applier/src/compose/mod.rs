@@ -166,7 +166,13 @@ impl Composer {
                 ),
             )));
         }
-        let prelude = self.prelude.as_mut().expect("prelude read");
+        let Some(prelude) = self.prelude.as_mut() else {
+            // Read just above; a whole adapt is always correct.
+            return Ok(Composed::Whole(Reason::new(
+                "prelude",
+                "the global options were not read",
+            )));
+        };
         let globals = match &prelude.globals {
             Ok(globals) => globals.clone(),
             Err(reason) => return Ok(Composed::Whole(reason.clone())),
@@ -195,7 +201,13 @@ impl Composer {
             return Ok(Composed::Whole(reason));
         }
         self.adapt_sites(caddy, missing).await?;
-        let prelude = self.prelude.as_mut().expect("prelude read");
+        let Some(prelude) = self.prelude.as_mut() else {
+            // Read just above; a whole adapt is always correct.
+            return Ok(Composed::Whole(Reason::new(
+                "prelude",
+                "the global options were not read",
+            )));
+        };
         let mut shares = Vec::with_capacity(sites.len());
         for (_, text) in &sites {
             match prelude.sites.get(text) {
