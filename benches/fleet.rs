@@ -84,18 +84,17 @@ fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
 /// Waits until a GET for `host` through `caddy` answers `body`; returns
 /// how long it took from `since`.
 async fn served(caddy: &Caddy, host: &str, body: &str, since: Instant) -> f64 {
-    loop {
-        if let Some((200, text)) = caddy.get(host).await {
-            if text == body {
-                return since.elapsed().as_secs_f64();
-            }
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(120),
-            "{host} never answered {body:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Checked every 5 ms: the resolution of the figure.
+    wait_for_every(
+        &format!("{host} to answer {body:?}"),
+        Duration::from_secs(120),
+        Duration::from_millis(5),
+        || async {
+            matches!(caddy.get(host).await, Some((200, text)) if text == body).then_some(())
+        },
+    )
+    .await;
+    since.elapsed().as_secs_f64()
 }
 
 /// How many `/load`s Caddy's admin API has received (its own log).
@@ -176,26 +175,7 @@ async fn bench(args: Args) {
     let (caddy, applier) = (&caddys[0], &appliers[0]);
 
     // Caddy's floor: a bare forced /load of the config it runs.
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
-    let config = caddy.config().await.expect("Caddy's config").to_string();
-    let mut floors = Vec::new();
-    for _ in 0..3 {
-        let started = Instant::now();
-        let response = http
-            .post(format!("{}/load", caddy.admin_url()))
-            .header("Content-Type", "application/json")
-            .header("Cache-Control", "must-revalidate")
-            .body(config.clone())
-            .send()
-            .await
-            .expect("/load");
-        assert!(response.status().is_success());
-        floors.push(started.elapsed().as_secs_f64());
-    }
-    drop(config);
+    let floors = load_floor(caddy, 3).await;
 
     // Request latency across up to 1,000 live sites of the first shard.
     let live: Vec<String> = (0..args.agents)
@@ -265,7 +245,7 @@ async fn bench(args: Args) {
         );
         let shards = args.shards;
         tokio::spawn(async move {
-            let mut log = ensure_log(&js, &[]).await;
+            let log = ensure_log(&js, &[]).await;
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let mut n = 0usize;
             for batch in 0..100 {
@@ -282,7 +262,7 @@ async fn bench(args: Args) {
                     .collect();
                 // Straight into the agents' ingest streams (they exist),
                 // acks awaited; then the log's sequence once it sourced them.
-                let before = log.info().await.expect("log info").state.messages;
+                let before = log.get_info().await.expect("log info").state.messages;
                 let mut acks = Vec::new();
                 for (i, event) in events.iter().enumerate() {
                     let message = PublishMessage::build()
@@ -297,13 +277,17 @@ async fn bench(args: Args) {
                 for ack in futures::future::join_all(acks).await {
                     ack.expect("ack");
                 }
-                let seq = loop {
-                    let state = &log.info().await.expect("log info").state;
-                    if state.messages >= before + events.len() as u64 {
-                        break state.last_sequence;
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                };
+                let sourced = before + events.len() as u64;
+                let seq = wait_for_every(
+                    "the log to source the batch",
+                    Duration::from_secs(60),
+                    Duration::from_millis(2),
+                    || async {
+                        let state = log.get_info().await.ok()?.state;
+                        (state.messages >= sourced).then_some(state.last_sequence)
+                    },
+                )
+                .await;
                 batches.lock().expect("batches").push((seq, started));
             }
         })

@@ -45,6 +45,31 @@ impl Stop {
     }
 }
 
+/// The status listener with the dashboard reading the log, served until
+/// `stop`; the board the applier writes, and the server's task.
+async fn serve_status_and_dashboard(
+    settings: &Settings,
+    stop: &Stop,
+) -> Result<
+    (
+        Arc<StatusBoard>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ),
+    ModeError,
+> {
+    let listener = status_listener(settings).await?;
+    let board = Arc::new(StatusBoard::default());
+    let dashboard =
+        crate::dashboard::with_log(settings.inspect_config()?, settings.policy_file.clone());
+    let status = tokio::spawn(crate::serve_status_with(
+        listener,
+        board.clone(),
+        dashboard,
+        stop.wait(),
+    ));
+    Ok((board, status))
+}
+
 async fn status_listener(settings: &Settings) -> Result<tokio::net::TcpListener, ModeError> {
     let addr = settings.status_listen;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -96,18 +121,7 @@ pub async fn run(
         Mode::Applier => {
             let config = settings.applier_config(None)?;
             let nats = settings.nats_config(format!("caddy-fleet-applier-{}", config.name))?;
-            let listener = status_listener(settings).await?;
-            let board = Arc::new(StatusBoard::default());
-            let dashboard = crate::dashboard::with_log(
-                settings.inspect_config()?,
-                settings.policy_file.clone(),
-            );
-            let status = tokio::spawn(crate::serve_status_with(
-                listener,
-                board.clone(),
-                dashboard,
-                stop.wait(),
-            ));
+            let (board, status) = serve_status_and_dashboard(settings, &stop).await?;
             crate::run_applier(&nats, &settings.stream(), config, board, stop.wait()).await?;
             let _ = status.await;
         }
@@ -118,18 +132,7 @@ pub async fn run(
             let applier_nats =
                 settings.nats_config(format!("caddy-fleet-applier-{}", applier.name))?;
             let publisher_nats = settings.publisher_nats_config(&agent)?;
-            let listener = status_listener(settings).await?;
-            let board = Arc::new(StatusBoard::default());
-            let dashboard = crate::dashboard::with_log(
-                settings.inspect_config()?,
-                settings.policy_file.clone(),
-            );
-            let status = tokio::spawn(crate::serve_status_with(
-                listener,
-                board.clone(),
-                dashboard,
-                stop.wait(),
-            ));
+            let (board, status) = serve_status_and_dashboard(settings, &stop).await?;
             let stream = settings.stream();
             let applied = crate::run_applier(&applier_nats, &stream, applier, board, stop.wait());
             let published = crate::run_publisher(&publisher_nats, publisher, stop.wait());

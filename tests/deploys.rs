@@ -28,8 +28,11 @@ fn phase(what: String) {
     *PHASE.lock().unwrap() = what;
 }
 
-/// How long a backend keeps accepting after it is asked to stop.
-const DRAIN: Duration = Duration::from_secs(2);
+/// How long a backend keeps accepting after it is asked to stop: longer
+/// than the withdrawal takes on a busy machine (the publisher hears the
+/// `kill`, the applier pushes), as a service's drain should be. With 2 s,
+/// a loaded CI machine sometimes withdrew later than the drain.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// A labeled backend answering `body`, with a drain delay on stop.
 async fn start_draining_backend(

@@ -76,7 +76,23 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_for_every(what, timeout, Duration::from_millis(100), check).await
+}
+
+/// [`wait_for`], checking every `interval`: benchmarks that time how long
+/// a condition takes to hold check often, since the interval is their
+/// resolution.
+pub async fn wait_for_every<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -90,8 +106,33 @@ where
             started.elapsed() < timeout,
             "timed out after {timeout:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(interval).await;
     }
+}
+
+/// Caddy's floor: a bare forced `/load` of the config it runs, `count`
+/// times; the seconds each took.
+pub async fn load_floor(caddy: &Caddy, count: usize) -> Vec<f64> {
+    let config = caddy.config().await.expect("Caddy's config").to_string();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let mut floors = Vec::new();
+    for _ in 0..count {
+        let started = Instant::now();
+        let response = http
+            .post(format!("{}/load", caddy.admin_url()))
+            .header("Content-Type", "application/json")
+            .header("Cache-Control", "must-revalidate")
+            .body(config.clone())
+            .send()
+            .await
+            .expect("/load");
+        assert!(response.status().is_success());
+        floors.push(started.elapsed().as_secs_f64());
+    }
+    floors
 }
 
 /// A real NATS server with JetStream on file storage.
