@@ -36,6 +36,7 @@ use caddy_fleet_inspect::InspectConfig;
 use caddy_fleet_nats::{NatsAuth, NatsConfig, NatsTls, StreamSettings};
 use caddy_fleet_publisher::config::InvalidFilterLabel;
 use caddy_fleet_publisher::{FilterLabel, PublisherConfig};
+use caddy_fleet_schema::dynamic::DynamicUpstreams;
 use caddy_fleet_schema::policy::Policy;
 use caddy_fleet_schema::shard::DomainShard;
 use caddy_fleet_schema::translate::{LocalNetwork, TranslateOptions};
@@ -87,6 +88,27 @@ impl FromStr for LogFormat {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             _ => Err(InvalidValue::LogFormat(text.to_string())),
+        }
+    }
+}
+
+/// How generated proxies get their upstreams (`UPSTREAMS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamsMode {
+    /// Listed in the config: every change of upstreams is a push.
+    Static,
+    /// Looked up in the applier's DNS (`UPSTREAM_DNS_LISTEN`): a deploy
+    /// changes answers, not the config.
+    Dynamic,
+}
+
+impl FromStr for UpstreamsMode {
+    type Err = InvalidValue;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "static" => Ok(UpstreamsMode::Static),
+            "dynamic" => Ok(UpstreamsMode::Dynamic),
+            _ => Err(InvalidValue::UpstreamsMode(text.to_string())),
         }
     }
 }
@@ -199,6 +221,26 @@ pub struct Settings {
     #[serde(default)]
     pub applier_domains: Option<String>,
 
+    /// How generated reverse_proxy handlers get their upstreams: static (listed in the config; every deploy is a push) or dynamic (looked up in the applier's DNS at UPSTREAM_DNS_LISTEN; a deploy that only moves upstreams changes the answers, with no push).
+    #[arg(long, env = "UPSTREAMS", global = true, value_name = "MODE", default_value = "static", value_parser = parse_upstreams_mode)]
+    #[serde(deserialize_with = "text::upstreams_mode")]
+    pub upstreams: UpstreamsMode,
+
+    /// Where the applier answers DNS for dynamic upstreams (UPSTREAMS=dynamic); Caddy must reach it, so loopback next to Caddy.
+    #[arg(long, env = "UPSTREAM_DNS_LISTEN", global = true, value_name = "ADDRESS", default_value = "127.0.0.1:8053", value_parser = parse_listen_address)]
+    #[serde(deserialize_with = "text::listen_address")]
+    pub upstream_dns_listen: SocketAddr,
+
+    /// How long Caddy keeps a dynamic upstream answer before asking again: the longest a deploy waits to be served (UPSTREAMS=dynamic).
+    #[arg(long, env = "UPSTREAM_DNS_REFRESH", global = true, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[serde(deserialize_with = "text::duration")]
+    pub upstream_dns_refresh: Duration,
+
+    /// How long Caddy keeps using its last answer for a site while the applier does not answer DNS (UPSTREAMS=dynamic).
+    #[arg(long, env = "UPSTREAM_DNS_GRACE", global = true, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    #[serde(deserialize_with = "text::duration")]
+    pub upstream_dns_grace: Duration,
+
     /// How often a publisher re-sends its full container set.
     #[arg(long, env = "SYNC_INTERVAL", global = true, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     #[serde(deserialize_with = "text::duration")]
@@ -294,6 +336,8 @@ pub enum InvalidValue {
     Mode(String),
     #[error("{0:?} is not a log format: use text or json")]
     LogFormat(String),
+    #[error("{0:?} is not an upstreams mode: use static or dynamic")]
+    UpstreamsMode(String),
     #[error(transparent)]
     Duration(#[from] DurationError),
     #[error(transparent)]
@@ -628,6 +672,7 @@ impl Settings {
                 .map(DomainShard::parse)
                 .transpose()
                 .map_err(|e| rejected("APPLIER_DOMAINS", e.to_string()))?,
+            dynamic_upstreams: self.dynamic_upstreams()?,
             ..TranslateOptions::default()
         };
         if let (Some(agent), Some(network)) = (local, &self.caddy_ingress_network) {
@@ -646,6 +691,25 @@ impl Settings {
             }
         }
         Ok(options)
+    }
+
+    /// Where and how Caddy looks dynamic upstreams up; `None` when
+    /// upstreams are static.
+    fn dynamic_upstreams(&self) -> Result<Option<DynamicUpstreams>, SettingsError> {
+        if self.upstreams == UpstreamsMode::Static {
+            return Ok(None);
+        }
+        if self.upstream_dns_refresh.is_zero() {
+            return Err(rejected(
+                "UPSTREAM_DNS_REFRESH",
+                "0s would look every request's upstreams up; use 1s or more".to_string(),
+            ));
+        }
+        Ok(Some(DynamicUpstreams {
+            resolver: self.upstream_dns_listen,
+            refresh: self.upstream_dns_refresh,
+            grace_period: self.upstream_dns_grace,
+        }))
     }
 
     /// The NATS connection settings, with the client `name`, checked:
@@ -890,6 +954,10 @@ fn parse_log_format(text: &str) -> Result<LogFormat, InvalidValue> {
     text.parse()
 }
 
+fn parse_upstreams_mode(text: &str) -> Result<UpstreamsMode, InvalidValue> {
+    text.parse()
+}
+
 fn parse_agent_id(text: &str) -> Result<AgentId, InvalidValue> {
     Ok(AgentId::new(text.trim())?)
 }
@@ -1013,6 +1081,7 @@ mod text {
     from_text! {
         mode, optional_mode: super::parse_mode => super::Mode;
         log_format, optional_log_format: super::parse_log_format => super::LogFormat;
+        upstreams_mode, optional_upstreams_mode: super::parse_upstreams_mode => super::UpstreamsMode;
         agent_id, optional_agent_id: super::parse_agent_id => caddy_fleet_schema::AgentId;
         name, optional_name: super::parse_name => String;
         host_address, optional_host_address: super::parse_host_address => String;
@@ -1237,6 +1306,10 @@ coalesce_max_delay = "2s"
 stream_close_delay = "1h"
 proxy_try_duration = "5s"
 applier_domains = "*.eu.example.com,eu.example.com"
+upstreams = "dynamic"
+upstream_dns_listen = "127.0.0.1:8053"
+upstream_dns_refresh = "1s"
+upstream_dns_grace = "24h"
 sync_interval = "5m"
 heartbeat_interval = "10s"
 stream_max_age = "7d"
@@ -1524,6 +1597,9 @@ log_format = "json"
                 ("STREAM_CLOSE_DELAY", "90s"),
                 ("PROXY_TRY_DURATION", "0s"),
                 ("APPLIER_DOMAINS", "*.eu.test, eu.test"),
+                ("UPSTREAMS", "Dynamic"),
+                ("UPSTREAM_DNS_LISTEN", "127.0.0.1:5399"),
+                ("UPSTREAM_DNS_REFRESH", "2s"),
                 ("AGENT_TTL", "2m"),
                 ("CADDY_INGRESS_NETWORK", "ingress"),
                 ("STREAM_MAX_AGE", "2d"),
@@ -1545,6 +1621,14 @@ log_format = "json"
             Some(Duration::from_secs(90))
         );
         assert_eq!(applier.translate.proxy_try_duration, None);
+        assert_eq!(
+            applier.translate.dynamic_upstreams,
+            Some(DynamicUpstreams {
+                resolver: "127.0.0.1:5399".parse().unwrap(),
+                refresh: Duration::from_secs(2),
+                grace_period: Duration::from_secs(86_400),
+            })
+        );
         assert_eq!(
             applier
                 .translate

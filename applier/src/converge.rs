@@ -452,6 +452,7 @@ mod tests {
             text: file.marshal(),
             file,
             trusted: false,
+            proxies: Default::default(),
         }
     }
 

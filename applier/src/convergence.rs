@@ -31,6 +31,7 @@ use crate::consumption::{Snapshot, StateHandle};
 use crate::converge::{Converger, Outcome};
 use crate::policy::{self, PolicyWatch};
 use crate::status::{ContainerRef, RejectedView, StatusBoard};
+use crate::upstream_dns::{AnswerBoard, UpstreamAnswers};
 
 /// Runs convergence until consumption stops (or forever; the caller
 /// aborts it once consumption has stopped).
@@ -39,6 +40,7 @@ pub async fn run<C: CaddyApi>(
     mut handle: StateHandle,
     mut config: ApplierConfig,
     board: &StatusBoard,
+    answers: Option<AnswerBoard>,
 ) {
     let stats = &board.stats;
     let mut owners = SiteOwners::new();
@@ -67,7 +69,21 @@ pub async fn run<C: CaddyApi>(
             };
             let (units, outside) = render(&snapshot, &config, &mut owners, &mut cache, stats);
             let started = std::time::Instant::now();
+            // Dynamic upstreams: the answers first, so a site the push adds
+            // resolves from its first request, and a deploy that leaves the
+            // config as it is needs nothing else.
+            if let Some(answers) = &answers {
+                publish_answers(answers, UpstreamAnswers::of_units(&units), stats);
+            }
             let converged = converger.converge(&units).await;
+            if let Some(answers) = &answers {
+                // Containers Caddy or the policy check refused answer nothing.
+                let accepted = converger.accepted_ids();
+                let kept = units
+                    .iter()
+                    .filter(|u| accepted.contains(u.container_id.as_str()));
+                publish_answers(answers, UpstreamAnswers::of_units(kept), stats);
+            }
             stats.composed(converger.take_compose_report());
             match converged {
                 Ok(outcome) => {
@@ -149,6 +165,14 @@ pub async fn run<C: CaddyApi>(
                 }
             }
         }
+    }
+}
+
+/// Serves `new` from now on, counting it when it changed.
+fn publish_answers(board: &AnswerBoard, new: UpstreamAnswers, stats: &crate::telemetry::Stats) {
+    let (names, upstreams) = (new.names(), new.upstreams());
+    if board.publish(new) {
+        stats.answers_changed(names, upstreams);
     }
 }
 

@@ -16,6 +16,8 @@
 //! - [`consumption`]: the consume → fold → checkpoint → ack task, which
 //!   hands snapshots of the state to [`convergence`]: the task that pushes
 //!   the newest state to Caddy as soon as the previous push ended.
+//! - [`upstream_dns`]: the DNS server Caddy's dynamic upstreams ask
+//!   (`UPSTREAMS=dynamic`), answering from the converged state.
 //! - [`run`]: both tasks joined; [`recover`]: checkpoint + the messages
 //!   after it.
 
@@ -32,6 +34,7 @@ mod reconcile;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+pub mod upstream_dns;
 
 #[cfg(test)]
 mod runtime_tests;

@@ -19,6 +19,7 @@ use crate::convergence;
 use crate::source::LogSource;
 use crate::status::StatusBoard;
 use crate::telemetry::Stats;
+use crate::upstream_dns::{AnswerBoard, UpstreamDns};
 
 /// Why the applier stopped.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,8 @@ pub enum ApplierError {
     Replay(#[from] ConsumeError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    UpstreamDns(#[from] crate::upstream_dns::DnsError),
 }
 
 const SUBJECTS: &str = "fleet.>";
@@ -123,11 +126,27 @@ pub async fn run_with_caddy<S: LogSource, C: CheckpointStore, A: CaddyApi + 'sta
     source: S,
     checkpoints: C,
     state: RouteState,
-    config: ApplierConfig,
+    mut config: ApplierConfig,
     caddy: A,
     board: Arc<StatusBoard>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApplierError> {
+    // Dynamic upstreams: answer DNS before the first push names it.
+    let mut dns = None;
+    if let Some(dynamic) = config.translate.dynamic_upstreams.as_mut() {
+        let answers = AnswerBoard::new(dynamic.refresh);
+        let server =
+            UpstreamDns::bind(dynamic.resolver, &answers, board.stats.dns_queries()).await?;
+        // Port 0 asked for any free port: Caddy must dial the one bound.
+        dynamic.resolver = server.local_addr();
+        tracing::info!(listen = %server.local_addr(), "Answering DNS for dynamic upstreams (UPSTREAMS=dynamic).");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        dns = Some((answers, stop, task));
+    }
+    let answers = dns.as_ref().map(|(answers, _, _)| answers.clone());
     let base = config
         .base_caddyfile
         .as_deref()
@@ -144,7 +163,7 @@ pub async fn run_with_caddy<S: LogSource, C: CheckpointStore, A: CaddyApi + 'sta
     };
     let convergence = tokio::spawn({
         let board = board.clone();
-        async move { convergence::run(converger, handle, config, &board).await }
+        async move { convergence::run(converger, handle, config, &board, answers).await }
     });
     consumption::run(
         source,
@@ -158,5 +177,9 @@ pub async fn run_with_caddy<S: LogSource, C: CheckpointStore, A: CaddyApi + 'sta
     .await;
     convergence.abort();
     let _ = convergence.await;
+    if let Some((_, stop, task)) = dns {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     Ok(())
 }

@@ -33,6 +33,13 @@ pub(crate) struct By {
     pub by: String,
 }
 
+/// How the upstream DNS server answered a query.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Answer {
+    /// `answered`, `empty`, `no_such_name`, `refused` or `malformed`.
+    pub answer: String,
+}
+
 /// Every metric of one applier, in one registry: the only source of each
 /// figure `/metrics` shows and [`Stats::snapshot`] reads.
 #[derive(Debug)]
@@ -53,6 +60,9 @@ pub(crate) struct Metrics {
     pub composed_configs: Counter,
     pub whole_adapts: Family<Reason, Counter>,
     pub site_adapts: Counter,
+    pub dns_queries: Family<Answer, Counter>,
+    pub dns_updates: Counter,
+    pub dns_names: Gauge,
 }
 
 impl Default for Metrics {
@@ -77,6 +87,9 @@ impl Default for Metrics {
             composed_configs: Counter::default(),
             whole_adapts: Family::default(),
             site_adapts: Counter::default(),
+            dns_queries: Family::default(),
+            dns_updates: Counter::default(),
+            dns_names: Gauge::default(),
         };
         registry.register(
             "events_folded",
@@ -152,6 +165,21 @@ impl Default for Metrics {
             "site_adapts",
             "Caddy adapts of one site alone (or of the global options), to compose configs from",
             metrics.site_adapts.clone(),
+        );
+        registry.register(
+            "upstream_dns_queries",
+            "Queries the upstream DNS server answered (UPSTREAMS=dynamic), by answer",
+            metrics.dns_queries.clone(),
+        );
+        registry.register(
+            "upstream_dns_updates",
+            "Changes of the upstream DNS answers: upstream changes served with no push",
+            metrics.dns_updates.clone(),
+        );
+        registry.register(
+            "upstream_dns_names",
+            "Names the upstream DNS server answers, one per dynamic handler",
+            metrics.dns_names.clone(),
         );
         Metrics {
             registry,
@@ -263,6 +291,19 @@ impl Stats {
                 tracing::debug!(reason = %reason, "The config is adapted whole instead of composed from its sites.");
             }
         }
+    }
+
+    /// The upstream DNS answers changed (a deploy served with no push when
+    /// the config did not change).
+    pub(crate) fn answers_changed(&self, names: usize, upstreams: usize) {
+        self.metrics.dns_updates.inc();
+        self.metrics.dns_names.set(names as i64);
+        tracing::debug!(names, upstreams, "Upstream DNS answers changed.");
+    }
+
+    /// The counter the upstream DNS server counts its answers with.
+    pub(crate) fn dns_queries(&self) -> Family<Answer, Counter> {
+        self.metrics.dns_queries.clone()
     }
 
     pub(crate) fn folded(&self) {

@@ -283,11 +283,15 @@ pub fn render_explain(domain: &str, seq: u64, entries: &[ExplainEntry]) -> Strin
     for e in entries {
         match &e.left_out {
             None => out.push_str(&format!(
-                "  serves  {} on {} (facts from seq {}) → {}\n",
+                "  serves  {} on {} (facts from seq {}) → {}{}\n",
                 e.container,
                 e.agent,
                 e.seq,
-                e.upstreams.join(" ")
+                e.upstreams.join(" "),
+                e.upstreams_by
+                    .as_ref()
+                    .map(|by| format!(" (upstreams by {by})"))
+                    .unwrap_or_default()
             )),
             Some(reason) => out.push_str(&format!(
                 "  left out {} on {} (facts from seq {}): {reason}\n",
@@ -494,6 +498,7 @@ mod tests {
             site: site.into(),
             upstreams: vec![up.into()],
             containers: Vec::new(),
+            ..RouteRow::default()
         };
         let d = Difference {
             from: 1,
@@ -519,10 +524,11 @@ mod tests {
             seq: 7,
             upstreams: vec!["h:1".into()],
             left_out: None,
+            upstreams_by: Some("DNS (h1.caddy-fleet.internal.)".into()),
         };
         assert_eq!(
             render_explain("a.test", 9, &[entry]),
-            "a.test at sequence 9:\n  serves  web on a1 (facts from seq 7) → h:1\n"
+            "a.test at sequence 9:\n  serves  web on a1 (facts from seq 7) → h:1 (upstreams by DNS (h1.caddy-fleet.internal.))\n"
         );
     }
 }

@@ -20,10 +20,13 @@
 //!   (`APPLIER_DOMAINS`).
 //! - [`routes`]: route tables, their differences, and explanations for people.
 //! - [`history`]: what each message of the log changed, in words.
+//! - [`dynamic`]: generated proxies' upstreams looked up by DNS
+//!   (`UPSTREAMS=dynamic`) instead of listed.
 //! - [`translate`]: container facts → one merged Caddyfile, with upstreams
 //!   resolved from the facts and bad containers left out.
 
 pub mod caddyfile;
+pub mod dynamic;
 pub mod event;
 pub mod history;
 pub mod labels;

@@ -11,7 +11,7 @@ use crate::state::RouteState;
 use crate::translate::{translate_units, TranslateOptions};
 
 /// One site of the generated config (also as `/status` serves it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteRow {
     /// The site's addresses, as written in the labels.
     pub site: String,
@@ -19,6 +19,24 @@ pub struct RouteRow {
     pub upstreams: Vec<String>,
     /// The containers declaring it.
     pub containers: Vec<RouteContainer>,
+    /// How its upstreams reach Caddy.
+    #[serde(default)]
+    pub upstreams_mode: UpstreamsMode,
+    /// In dynamic mode, why this site's upstreams stay in the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_reason: Option<String>,
+}
+
+/// How a site's upstreams reach Caddy (`UPSTREAMS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamsMode {
+    /// Listed in the config: a change of upstreams is a push.
+    #[default]
+    Static,
+    /// Looked up in the applier's DNS: a change of upstreams changes its
+    /// answers, with no push.
+    Dynamic,
 }
 
 /// A container behind a route.
@@ -68,12 +86,29 @@ pub fn route_rows(state: &RouteState, units: &[crate::translate::ContainerUnit])
             .filter(|b| !b.is_global() && !b.is_snippet() && !b.is_matcher())
         {
             let key = site.keys.join(" ");
+            let mode = unit.proxies.mode_of(&key);
             let row = rows.entry(key.clone()).or_insert_with(|| RouteRow {
-                site: key,
+                site: key.clone(),
                 upstreams: Vec::new(),
                 containers: Vec::new(),
+                upstreams_mode: match mode {
+                    Some(Ok(())) => UpstreamsMode::Dynamic,
+                    _ => UpstreamsMode::Static,
+                },
+                static_reason: None,
             });
+            if let Some(Err(reason)) = mode {
+                row.upstreams_mode = UpstreamsMode::Static;
+                row.static_reason.get_or_insert_with(|| reason.to_string());
+            }
             proxy_upstreams(site, &mut row.upstreams);
+            for proxy in unit.proxies.dynamic.iter().filter(|d| d.site == key) {
+                for upstream in &proxy.upstreams {
+                    if !row.upstreams.contains(upstream) {
+                        row.upstreams.push(upstream.clone());
+                    }
+                }
+            }
             row.containers.push(RouteContainer {
                 agent: unit.agent.to_string(),
                 container: unit.container.clone(),
@@ -169,6 +204,10 @@ pub struct ExplainEntry {
     pub upstreams: Vec<String>,
     /// Why it is left out; `None` when it serves the domain.
     pub left_out: Option<String>,
+    /// How its upstreams reach Caddy: the DNS name they are answered
+    /// under, or why they stay static (dynamic mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstreams_by: Option<String>,
 }
 
 /// Whether an address list (`http://a.test b.test:8080`) names `domain`.
@@ -213,6 +252,7 @@ pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> 
                 seq: record.seq,
                 upstreams: Vec::new(),
                 left_out: None,
+                upstreams_by: None,
             };
             if !record.listed {
                 entry.left_out = Some("its agent's latest sync does not list it (removed while the publisher was away)".into());
@@ -243,15 +283,28 @@ pub fn explain(state: &RouteState, options: &TranslateOptions, domain: &str) -> 
                     shard.patterns().join(",")
                 ));
             } else {
-                match crate::translate::translate_container(facts, options) {
+                match crate::translate::translate_container_resolving(facts, options) {
                     Err(error) => entry.left_out = Some(format!("labels rejected: {error}")),
-                    Ok(file) => {
+                    Ok((mut file, resolved)) => {
+                        let proxies = options
+                            .dynamic_upstreams
+                            .as_ref()
+                            .map(|d| crate::dynamic::rewrite(&mut file, &resolved, d));
                         for site in file
                             .blocks
                             .iter()
                             .filter(|b| addresses_name(&b.keys.join(" "), domain))
                         {
+                            let key = site.keys.join(" ");
                             proxy_upstreams(site, &mut entry.upstreams);
+                            let Some(proxies) = &proxies else { continue };
+                            for proxy in proxies.dynamic.iter().filter(|d| d.site == key) {
+                                entry.upstreams.extend(proxy.upstreams.iter().cloned());
+                                entry.upstreams_by = Some(format!("DNS ({})", proxy.name));
+                            }
+                            if let Some(kept) = proxies.kept_static.iter().find(|s| s.site == key) {
+                                entry.upstreams_by = Some(format!("static: {}", kept.reason));
+                            }
                         }
                     }
                 }
@@ -408,6 +461,7 @@ mod tests {
     #[test]
     fn explain_takes_a_live_appliers_refusals() {
         let entry = |id: &str| ExplainEntry {
+            upstreams_by: None,
             agent: "a1".into(),
             container: id.into(),
             container_id: id.into(),

@@ -189,6 +189,7 @@ mod tests {
             text: file.marshal(),
             file,
             trusted: true,
+            proxies: Default::default(),
         }
     }
 

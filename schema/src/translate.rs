@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::caddyfile::{proxy_matcher, Block, Caddyfile};
+use crate::dynamic::{DynamicUpstreams, ProxyModes};
 use crate::event::ContainerFacts;
 use crate::labels::{from_labels, LabelError};
 use crate::policy::{Grant, Policy};
@@ -51,6 +52,10 @@ pub struct TranslateOptions {
     /// failing. Caddy retries only what is safe: any request that never
     /// reached an upstream, and GETs otherwise.
     pub proxy_try_duration: Option<Duration>,
+    /// `UPSTREAMS=dynamic`: generated proxies look their upstreams up in
+    /// the applier's DNS ([`crate::dynamic`]) instead of listing them;
+    /// `None` lists them (static).
+    pub dynamic_upstreams: Option<DynamicUpstreams>,
 }
 
 /// Reaching the local agent's containers on a Docker network, as
@@ -73,6 +78,7 @@ impl Default for TranslateOptions {
             stream_close_delay: None,
             shard: None,
             proxy_try_duration: None,
+            dynamic_upstreams: None,
         }
     }
 }
@@ -153,6 +159,9 @@ pub struct ContainerUnit {
     /// Whether its agent is trusted with the full grammar; an untrusted
     /// container's adapted JSON is checked again before it is loaded.
     pub trusted: bool,
+    /// Its handlers whose upstreams are looked up by DNS, with what it
+    /// adds to each name's answer, and those kept static (dynamic mode).
+    pub proxies: ProxyModes,
 }
 
 /// Translates every routable container of `state` whose agent is not in
@@ -200,6 +209,7 @@ struct Translated {
     file: Caddyfile,
     text: String,
     trusted: bool,
+    proxies: ProxyModes,
 }
 
 /// A container's translation, or why it is refused, and the sequence of
@@ -229,8 +239,8 @@ fn translate_one(
         .policy
         .grant(&facts.agent)
         .map_err(|reason| (RefusedBy::Policy, reason))?;
-    let mut file =
-        translate_container(facts, options).map_err(|e| (RefusedBy::Labels, e.to_string()))?;
+    let (mut file, resolved) = translate_container_resolving(facts, options)
+        .map_err(|e| (RefusedBy::Labels, e.to_string()))?;
     if !grant.trusted {
         let own = own_upstreams(facts, grant, options);
         restrict::check(&file, grant, &own).map_err(|reason| (RefusedBy::Policy, reason))?;
@@ -246,15 +256,22 @@ fn translate_one(
             &["lb_retries"],
         );
     }
+    // Last: the policy and the restricted grammar checked the upstreams
+    // the labels resolved to, which are what the answers will hold.
+    let proxies = match &options.dynamic_upstreams {
+        Some(dynamic) => crate::dynamic::rewrite(&mut file, &resolved, dynamic),
+        None => ProxyModes::default(),
+    };
     Ok(Translated {
         text: file.marshal(),
         file,
         trusted: grant.trusted,
+        proxies,
     })
 }
 
 /// A duration as Caddy reads it (Go's `time.ParseDuration`).
-fn go_duration(duration: Duration) -> String {
+pub(crate) fn go_duration(duration: Duration) -> String {
     if duration.subsec_millis() == 0 {
         format!("{}s", duration.as_secs())
     } else {
@@ -377,6 +394,7 @@ pub fn translate_owned_cached(
                 text: translated.text.clone(),
                 file: translated.file.clone(),
                 trusted: translated.trusted,
+                proxies: translated.proxies.clone(),
             });
         }
     }
@@ -471,13 +489,26 @@ pub fn translate_container(
     facts: &ContainerFacts,
     options: &TranslateOptions,
 ) -> Result<Caddyfile, LabelError> {
+    translate_container_resolving(facts, options).map(|(file, _)| file)
+}
+
+/// [`translate_container`], and every address `{{upstreams}}` gave.
+pub fn translate_container_resolving(
+    facts: &ContainerFacts,
+    options: &TranslateOptions,
+) -> Result<(Caddyfile, BTreeSet<String>), LabelError> {
     let network = options
         .local
         .as_ref()
         .filter(|local| local.agent == facts.agent)
         .and_then(|local| facts.networks.get(&local.network));
-    let upstreams = FactsUpstreams { facts, network };
-    from_labels(&facts.labels, &options.label_prefix, &upstreams)
+    let upstreams = FactsUpstreams {
+        facts,
+        network,
+        resolved: std::cell::RefCell::new(BTreeSet::new()),
+    };
+    let file = from_labels(&facts.labels, &options.label_prefix, &upstreams)?;
+    Ok((file, upstreams.resolved.into_inner()))
 }
 
 /// `{{upstreams}}` for one container: its IP on the shared network (local
@@ -485,10 +516,31 @@ pub fn translate_container(
 struct FactsUpstreams<'a> {
     facts: &'a ContainerFacts,
     network: Option<&'a String>,
+    /// Every address resolved so far.
+    resolved: std::cell::RefCell<BTreeSet<String>>,
 }
 
 impl Upstreams for FactsUpstreams<'_> {
     fn resolve(&self, port: Option<u16>) -> Result<Vec<String>, String> {
+        let addresses = self.addresses(port)?;
+        self.resolved
+            .borrow_mut()
+            .extend(addresses.iter().cloned());
+        Ok(addresses)
+    }
+}
+
+impl<'a> FactsUpstreams<'a> {
+    #[cfg(test)]
+    fn unshared(facts: &'a ContainerFacts) -> Self {
+        FactsUpstreams {
+            facts,
+            network: None,
+            resolved: std::cell::RefCell::new(BTreeSet::new()),
+        }
+    }
+
+    fn addresses(&self, port: Option<u16>) -> Result<Vec<String>, String> {
         let facts = self.facts;
         // Docker may publish a port twice, on IPv4 and IPv6, even on
         // different host ports; only the bindings of the host address's
@@ -666,20 +718,14 @@ mod tests {
         ];
         f.host_address = "10.0.0.2".into();
         assert_eq!(
-            FactsUpstreams {
-                facts: &f,
-                network: None
-            }
+            FactsUpstreams::unshared(&f)
             .resolve(Some(80))
             .unwrap(),
             ["10.0.0.2:33296"]
         );
         f.host_address = "fd00::2".into();
         assert_eq!(
-            FactsUpstreams {
-                facts: &f,
-                network: None
-            }
+            FactsUpstreams::unshared(&f)
             .resolve(Some(80))
             .unwrap(),
             ["[fd00::2]:33297"]
@@ -687,10 +733,7 @@ mod tests {
         f.ports.remove(0);
         f.host_address = "10.0.0.2".into();
         assert_eq!(
-            FactsUpstreams {
-                facts: &f,
-                network: None
-            }
+            FactsUpstreams::unshared(&f)
             .resolve(Some(80))
             .unwrap(),
             ["10.0.0.2:33297"],
@@ -701,10 +744,7 @@ mod tests {
     #[test]
     fn several_bindings_give_one_upstream_each_and_bare_upstreams_needs_one_port() {
         let f = facts("a1", "web", &[], &[(80, 8001), (80, 8002), (443, 8443)]);
-        let up = FactsUpstreams {
-            facts: &f,
-            network: None,
-        };
+        let up = FactsUpstreams::unshared(&f);
         assert_eq!(
             up.resolve(Some(80)).unwrap(),
             ["host-a1:8001", "host-a1:8002"]
@@ -715,10 +755,7 @@ mod tests {
             .contains("publishes 2 TCP ports"));
         let one = facts("a1", "one", &[], &[(443, 8443)]);
         assert_eq!(
-            FactsUpstreams {
-                facts: &one,
-                network: None
-            }
+            FactsUpstreams::unshared(&one)
             .resolve(None)
             .unwrap(),
             ["host-a1:8443"]

@@ -927,6 +927,7 @@ pub fn synthetic_board(sites: usize) -> Arc<StatusBoard> {
                     container_id: format!("{i:064x}"),
                     since_seq: i as u64 + 1,
                 }],
+                ..Default::default()
             })
             .collect();
         v.agents = (0..20)

@@ -772,6 +772,7 @@ mod tests {
                     container_id: "c1".into(),
                     since_seq: 7,
                 }],
+                ..RouteRow::default()
             }],
             rejected: vec![RejectedView {
                 container: ContainerRef {
@@ -858,6 +859,7 @@ mod tests {
                 site: "http://live.test".into(),
                 upstreams: Vec::new(),
                 containers: Vec::new(),
+                ..RouteRow::default()
             }]
         });
         read_until(&mut events, &mut seen, "live.test").await;
