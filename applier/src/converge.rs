@@ -185,11 +185,11 @@ impl<C: CaddyApi> Converger<C> {
             .collect();
         let file = assemble(self.base.as_ref(), candidates.iter().copied());
         let text = file.marshal();
-        if self
-            .pushed
-            .as_ref()
-            .is_some_and(|(pushed, _)| pushed == &text)
-        {
+        if let Some((pushed, sentinel)) = self.pushed.take_if(|(pushed, _)| pushed == &text) {
+            // Caddy runs this text already; the containers making it may
+            // differ (with dynamic upstreams a deploy keeps the text), and
+            // they are the ones in the config now.
+            self.accept(&candidates, pushed, sentinel);
             return Ok(Outcome::Unchanged);
         }
         match self.try_push(&file, &text).await {

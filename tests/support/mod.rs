@@ -458,6 +458,16 @@ pub fn start_applier_on(
     (running, board)
 }
 
+/// Dynamic upstreams as the settings' defaults have them, answered on any
+/// free loopback port (the applier tells Caddy the one it bound).
+pub fn dynamic_upstreams() -> caddy_fleet::schema::dynamic::DynamicUpstreams {
+    caddy_fleet::schema::dynamic::DynamicUpstreams {
+        resolver: "127.0.0.1:0".parse().expect("loopback"),
+        refresh: Duration::from_secs(1),
+        grace_period: Duration::from_secs(86_400),
+    }
+}
+
 /// The labels that route `http://<domain>` to the container's port 80,
 /// scoped to one test by `filter`.
 pub fn web_labels(domain: &str, filter: &str) -> Vec<(&'static str, String)> {
