@@ -160,9 +160,29 @@ fn answered(tally: &Mutex<Tally>, body: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_replacement_under_load_fails_no_request() {
+    rolling_replacement(Upstreams::Static).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_replacement_with_dynamic_upstreams_fails_no_request() {
+    rolling_replacement(Upstreams::Dynamic).await;
+}
+
+/// `UPSTREAMS`, as a test runs the applier with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstreams {
+    Static,
+    Dynamic,
+}
+
+async fn rolling_replacement(mode: Upstreams) {
     let id = unique();
     let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
-    let (applier, _) = start_applier(&nats, &caddy, "deploys");
+    let (applier, _) = start_applier_with(&nats, &caddy, "deploys", |config| {
+        if mode == Upstreams::Dynamic {
+            config.translate.dynamic_upstreams = Some(dynamic_upstreams());
+        }
+    });
     let publisher = start_publisher(&nats, &format!("deploys-{id}"), &id, "127.0.0.1");
     let domain = format!("{id}.deploys.test");
     let labels = web_labels(&domain, &id);
@@ -209,7 +229,7 @@ async fn a_rolling_replacement_under_load_fails_no_request() {
     let tally = std::mem::take(&mut *tally.lock().unwrap());
     let total: u64 = tally.answers.values().sum();
     println!(
-        "deploys: {total} answered {:?}, {} failed, {} sent again after a reload closed their idle connection",
+        "deploys ({mode:?} upstreams): {total} answered {:?}, {} failed, {} sent again after a reload closed their idle connection",
         tally.answers,
         tally.failures.len(),
         tally.resent
@@ -226,7 +246,25 @@ async fn a_rolling_replacement_under_load_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_applier_killed_under_load_fails_no_request() {
+    applier_killed_under_load(Upstreams::Static).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_applier_killed_under_load_with_dynamic_upstreams_fails_no_request() {
+    applier_killed_under_load(Upstreams::Dynamic).await;
+}
+
+async fn applier_killed_under_load(mode: Upstreams) {
     let id = unique();
+    // The DNS address stays the same across restarts, as a deployment's
+    // UPSTREAM_DNS_LISTEN does: Caddy's config names it.
+    let settings = match mode {
+        Upstreams::Static => vec![],
+        Upstreams::Dynamic => vec![
+            ("UPSTREAMS", "dynamic".to_string()),
+            ("UPSTREAM_DNS_LISTEN", format!("127.0.0.1:{}", free_port())),
+        ],
+    };
     let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
     let backend = start_backend(&[], "steady").await;
     let port = backend.get_host_port_ipv4(80).await.expect("backend port");
@@ -250,12 +288,28 @@ async fn the_applier_killed_under_load_fails_no_request() {
     std::fs::create_dir_all(&dir).unwrap();
     let base = dir.join("Caddyfile");
     std::fs::write(&base, caddy.base_caddyfile()).unwrap();
-    let mut applier = ApplierProcess::start(&nats, &caddy, "kill", &base);
+    let mut applier = ApplierProcess::start_with(&nats, &caddy, "kill", &base, &settings);
     caddy
         .wait_serving(&domain, "steady", Duration::from_secs(60))
         .await;
+    let status = get_json(&format!("{}/status", applier.status))
+        .await
+        .expect("the applier's /status");
+    let expected = match mode {
+        Upstreams::Static => "static",
+        Upstreams::Dynamic => "dynamic",
+    };
+    assert_eq!(status["routes"][0]["upstreams_mode"], expected, "{status}");
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, load) = steady_load(&caddy, &domain, 4, stop.clone());
+    // Steady: Caddy holds its connections to the backend. With dynamic
+    // upstreams a new connection needs the applier's DNS answer for the
+    // target's address, so one opened while the applier is down waits
+    // (PROXY_TRY_DURATION) for it to be back; open ones carry on.
+    wait_for("the load to be steady", Duration::from_secs(30), || async {
+        (answered(&tally, "steady") >= 200).then_some(())
+    })
+    .await;
     for round in 0..3 {
         phase(format!("killing the applier ({round})"));
         let before = answered(&tally, "steady");
@@ -268,7 +322,7 @@ async fn the_applier_killed_under_load_fails_no_request() {
         )
         .await;
         phase(format!("restarting the applier ({round})"));
-        applier = ApplierProcess::start(&nats, &caddy, "kill", &base);
+        applier = ApplierProcess::start_with(&nats, &caddy, "kill", &base, &settings);
         let log = caddy_fleet::nats::ensure_stream(&js, &Default::default())
             .await
             .expect("the log");
@@ -284,7 +338,7 @@ async fn the_applier_killed_under_load_fails_no_request() {
     let tally = std::mem::take(&mut *tally.lock().unwrap());
     let total: u64 = tally.answers.values().sum();
     println!(
-        "applier killed under load: {total} answered, {} failed, {} sent again after a reload closed their idle connection",
+        "applier killed under load ({mode:?} upstreams): {total} answered, {} failed, {} sent again after a reload closed their idle connection",
         tally.failures.len(),
         tally.resent
     );

@@ -66,7 +66,9 @@ async fn connect_through(caddy: &Caddy, host: &str) -> Option<Socket> {
 async fn who_answers(ws: &mut Socket) -> Option<String> {
     ws.send(Message::text("ping")).await.ok()?;
     match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        Ok(Some(Ok(Message::Text(echo)))) => echo.as_str().strip_suffix(":ping").map(str::to_string),
+        Ok(Some(Ok(Message::Text(echo)))) => {
+            echo.as_str().strip_suffix(":ping").map(str::to_string)
+        }
         _ => None,
     }
 }
@@ -87,22 +89,18 @@ async fn served_by(caddy: &Caddy, host: &str, name: &str) -> Socket {
 
 /// When Caddy last loaded a config, as its admin API's metrics say.
 async fn last_reload(caddy: &Caddy) -> String {
-    wait_for(
-        "Caddy's reload metric",
-        Duration::from_secs(10),
-        || async {
-            let metrics = reqwest::get(format!("{}/metrics", caddy.admin_url()))
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            metrics
-                .lines()
-                .find(|l| l.starts_with("caddy_config_last_reload_success_timestamp_seconds "))
-                .map(str::to_string)
-        },
-    )
+    wait_for("Caddy's reload metric", Duration::from_secs(10), || async {
+        let metrics = reqwest::get(format!("{}/metrics", caddy.admin_url()))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("caddy_config_last_reload_success_timestamp_seconds "))
+            .map(str::to_string)
+    })
     .await
 }
 
@@ -181,27 +179,44 @@ async fn a_deploy_moves_upstreams_by_dns_without_reloading_caddy() {
         Some("old"),
         "the WebSocket to the old backend was closed by the deploy"
     );
-    let row = wait_for("the new upstream in /status", Duration::from_secs(10), || async {
-        board
-            .view()
-            .routes
-            .into_iter()
-            .find(|r| r.site.contains(&domain) && r.upstreams == [format!("127.0.0.1:{new}")])
-    })
-    .await;
+    let row =
+        wait_for(
+            "the new upstream in /status",
+            Duration::from_secs(10),
+            || async {
+                board.view().routes.into_iter().find(|r| {
+                    r.site.contains(&domain) && r.upstreams == [format!("127.0.0.1:{new}")]
+                })
+            },
+        )
+        .await;
     assert_eq!(row.containers.len(), 1, "{row:?}");
 
     // Scaled out to both agents: both answer new connections.
     let third = named_echo("third").await;
-    publish_batched(&js, [up(&agent_a, "c-third", &domain, third)].into_iter(), "d4").await;
+    publish_batched(
+        &js,
+        [up(&agent_a, "c-third", &domain, third)].into_iter(),
+        "d4",
+    )
+    .await;
     served_by(&caddy, &domain, "third").await;
     served_by(&caddy, &domain, "new").await;
-    assert_eq!(last_reload(&caddy).await, before, "scaling out reloaded Caddy");
+    assert_eq!(
+        last_reload(&caddy).await,
+        before,
+        "scaling out reloaded Caddy"
+    );
 
     // A new site changes the Caddyfile: it is pushed.
     let other = format!("other-{id}.dynamic.test");
     let other_port = named_echo("other").await;
-    publish_batched(&js, [up(&agent_b, "c-other", &other, other_port)].into_iter(), "d5").await;
+    publish_batched(
+        &js,
+        [up(&agent_b, "c-other", &other, other_port)].into_iter(),
+        "d5",
+    )
+    .await;
     served_by(&caddy, &other, "other").await;
     assert_ne!(last_reload(&caddy).await, before, "a new site needs a push");
 
@@ -212,11 +227,15 @@ async fn a_deploy_moves_upstreams_by_dns_without_reloading_caddy() {
         "d6",
     )
     .await;
-    wait_for("the site to leave Caddy's config", Duration::from_secs(30), || async {
-        let config = caddy.config().await?.to_string();
-        let host = |domain: &str| format!("\"{domain}\"");
-        (!config.contains(&host(&domain)) && config.contains(&host(&other))).then_some(())
-    })
+    wait_for(
+        "the site to leave Caddy's config",
+        Duration::from_secs(30),
+        || async {
+            let config = caddy.config().await?.to_string();
+            let host = |domain: &str| format!("\"{domain}\"");
+            (!config.contains(&host(&domain)) && config.contains(&host(&other))).then_some(())
+        },
+    )
     .await;
     assert_eq!(
         who_answers(&mut new_socket).await.as_deref(),

@@ -28,7 +28,7 @@ use std::time::Duration;
 use caddy_fleet_schema::dynamic::{target_address, target_name, ZONE};
 use caddy_fleet_schema::translate::ContainerUnit;
 use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Edns, Metadata, MessageType, OpCode, ResponseCode};
+use hickory_server::proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, SRV};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -56,7 +56,12 @@ impl UpstreamAnswers {
         for unit in units {
             for proxy in &unit.proxies.dynamic {
                 let upstreams = names.entry(proxy.name.to_ascii_lowercase()).or_default();
-                upstreams.extend(proxy.upstreams.iter().filter_map(|u| u.parse::<SocketAddr>().ok()));
+                upstreams.extend(
+                    proxy
+                        .upstreams
+                        .iter()
+                        .filter_map(|u| u.parse::<SocketAddr>().ok()),
+                );
             }
         }
         UpstreamAnswers { names }
@@ -245,9 +250,7 @@ impl Handler {
         if let Some(address) = target_address(&text) {
             let rdata = match (kind, address) {
                 (RecordType::A | RecordType::ANY, IpAddr::V4(v4)) => Some(RData::A(A(v4))),
-                (RecordType::AAAA | RecordType::ANY, IpAddr::V6(v6)) => {
-                    Some(RData::AAAA(AAAA(v6)))
-                }
+                (RecordType::AAAA | RecordType::ANY, IpAddr::V6(v6)) => Some(RData::AAAA(AAAA(v6))),
                 _ => None,
             };
             return Reply::Records {
@@ -332,7 +335,11 @@ impl RequestHandler for Handler {
             _ => {
                 self.count("malformed");
                 metadata.response_code = ResponseCode::FormErr;
-                return send(response.send_response(builder.build_no_records(metadata)).await);
+                return send(
+                    response
+                        .send_response(builder.build_no_records(metadata))
+                        .await,
+                );
             }
         };
         let (answer, reply) = match self.reply(query.name(), query.query_type()) {
@@ -340,7 +347,11 @@ impl RequestHandler for Handler {
                 answers,
                 additionals,
             } => (
-                if answers.is_empty() { "empty" } else { "answered" },
+                if answers.is_empty() {
+                    "empty"
+                } else {
+                    "answered"
+                },
                 (ResponseCode::NoError, answers, additionals),
             ),
             Reply::NoSuchName => ("no_such_name", (ResponseCode::NXDomain, vec![], vec![])),

@@ -93,7 +93,10 @@ impl ProxyModes {
         if let Some(kept) = self.kept_static.iter().find(|s| s.site == site) {
             return Some(Err(kept.reason.as_str()));
         }
-        self.dynamic.iter().any(|d| d.site == site).then_some(Ok(()))
+        self.dynamic
+            .iter()
+            .any(|d| d.site == site)
+            .then_some(Ok(()))
     }
 }
 
@@ -336,7 +339,9 @@ pub fn target_address(name: &str) -> Option<IpAddr> {
     if v6.len() != 32 {
         return None;
     }
-    u128::from_str_radix(v6, 16).ok().map(|n| IpAddr::V6(n.into()))
+    u128::from_str_radix(v6, 16)
+        .ok()
+        .map(|n| IpAddr::V6(n.into()))
 }
 
 #[cfg(test)]
@@ -427,7 +432,10 @@ mod tests {
                 "{text}: {modes:?}"
             );
             assert!(!out.contains("dynamic"), "{out}");
-            assert_eq!(modes.mode_of("a.test"), Some(Err(modes.kept_static[0].reason.as_str())));
+            assert_eq!(
+                modes.mode_of("a.test"),
+                Some(Err(modes.kept_static[0].reason.as_str()))
+            );
         }
         // Literal upstreams only: the labels' own handler, not reported.
         let (out, modes) = rewritten("a.test {\n\treverse_proxy 10.9.9.9:1\n}\n", &["10.0.0.1:1"]);

@@ -523,9 +523,7 @@ struct FactsUpstreams<'a> {
 impl Upstreams for FactsUpstreams<'_> {
     fn resolve(&self, port: Option<u16>) -> Result<Vec<String>, String> {
         let addresses = self.addresses(port)?;
-        self.resolved
-            .borrow_mut()
-            .extend(addresses.iter().cloned());
+        self.resolved.borrow_mut().extend(addresses.iter().cloned());
         Ok(addresses)
     }
 }
@@ -718,24 +716,18 @@ mod tests {
         ];
         f.host_address = "10.0.0.2".into();
         assert_eq!(
-            FactsUpstreams::unshared(&f)
-            .resolve(Some(80))
-            .unwrap(),
+            FactsUpstreams::unshared(&f).resolve(Some(80)).unwrap(),
             ["10.0.0.2:33296"]
         );
         f.host_address = "fd00::2".into();
         assert_eq!(
-            FactsUpstreams::unshared(&f)
-            .resolve(Some(80))
-            .unwrap(),
+            FactsUpstreams::unshared(&f).resolve(Some(80)).unwrap(),
             ["[fd00::2]:33297"]
         );
         f.ports.remove(0);
         f.host_address = "10.0.0.2".into();
         assert_eq!(
-            FactsUpstreams::unshared(&f)
-            .resolve(Some(80))
-            .unwrap(),
+            FactsUpstreams::unshared(&f).resolve(Some(80)).unwrap(),
             ["10.0.0.2:33297"],
             "falls back to what there is"
         );
@@ -755,9 +747,7 @@ mod tests {
             .contains("publishes 2 TCP ports"));
         let one = facts("a1", "one", &[], &[(443, 8443)]);
         assert_eq!(
-            FactsUpstreams::unshared(&one)
-            .resolve(None)
-            .unwrap(),
+            FactsUpstreams::unshared(&one).resolve(None).unwrap(),
             ["host-a1:8443"]
         );
     }
