@@ -2,7 +2,7 @@
 //! real Caddy, with the release applier as its own process.
 //!
 //! `cargo bench --bench fleet -- --agents A --containers C [--churn R]
-//! [--upstreams static] [--shards N]` publishes synthetic facts for A
+//! [--upstreams static|dynamic] [--shards N]` publishes synthetic facts for A
 //! agents × C containers straight into NATS (no Docker container per
 //! route: every synthetic container is published at the port of one of two
 //! real loopback backends, so every site answers), then measures:
@@ -15,7 +15,10 @@
 //! - `lag_s_max`: under a churn of R upstream changes per second for 10 s,
 //!   the longest time from a batch's publish to the applier having folded
 //!   it;
-//! - request latency through Caddy across up to 1,000 live sites;
+//! - request latency through Caddy across up to 1,000 live sites, and
+//!   `request_p99_dynamic_over_static`: the same sites through a second
+//!   Caddy whose applier (sharded to those sites) uses the other upstreams
+//!   mode, requests alternating between the two, p99 dynamic ÷ static;
 //! - resident memory of the applier and of Caddy.
 //!
 //! With `--shards N`, N appliers (each with its own Caddy) split the fleet
@@ -46,9 +49,9 @@ struct Args {
     /// Upstream changes per second during the churn.
     #[arg(long, default_value_t = 200)]
     churn: usize,
-    /// How Caddy gets upstreams: `static` (in the config; the only mode
-    /// built so far).
-    #[arg(long, default_value = "static")]
+    /// How Caddy gets upstreams: `static` (in the config) or `dynamic`
+    /// (the applier's DNS), as `UPSTREAMS`.
+    #[arg(long, default_value = "static", value_parser = ["static", "dynamic"])]
     upstreams: String,
     /// Appliers splitting the fleet by APPLIER_DOMAINS, each with its own Caddy.
     #[arg(long, default_value_t = 1)]
@@ -58,10 +61,23 @@ struct Args {
     bench: bool,
 }
 
-/// Site `c<j>-a<k>.s<shard>.fleet.test` of agent `fleet-a<k>`: containers
+/// Site `c<j>.a<k>.s<shard>.fleet.test` of agent `fleet-a<k>`: containers
 /// are spread over the shards by their index.
 fn site(args: &Args, k: usize, j: usize) -> String {
-    format!("c{j}-a{k}.s{}.fleet.test", j % args.shards)
+    site_of(args.shards, k, j)
+}
+
+fn site_of(shards: usize, k: usize, j: usize) -> String {
+    format!("c{j}.a{k}.s{}.fleet.test", j % shards)
+}
+
+/// The settings for `UPSTREAMS=mode` (the DNS on its own free port).
+fn upstreams_settings(mode: &str) -> Vec<(&'static str, String)> {
+    let mut settings = vec![("UPSTREAMS", mode.to_string())];
+    if mode == "dynamic" {
+        settings.push(("UPSTREAM_DNS_LISTEN", format!("127.0.0.1:{}", free_port())));
+    }
+    settings
 }
 
 fn up(k: usize, j: usize, domain: &str, port: u16) -> Event {
@@ -122,15 +138,18 @@ fn container_rss_mib(caddy: &Caddy) -> f64 {
 }
 
 async fn bench(args: Args) {
-    assert_eq!(
-        args.upstreams, "static",
-        "only --upstreams static is built so far (dynamic upstreams by DNS are issue #14's next part)"
-    );
     let nats = Nats::start().await;
     let mut caddys = Vec::new();
     for _ in 0..args.shards {
         caddys.push(Caddy::start().await);
     }
+    // The comparison: the other upstreams mode, on the probed sites only.
+    let other_mode = if args.upstreams == "static" {
+        "dynamic"
+    } else {
+        "static"
+    };
+    let other_caddy = Caddy::start().await;
     let (alpha, beta) = tokio::join!(start_backend(&[], "alpha"), start_backend(&[], "beta"));
     let port_a = alpha.get_host_port_ipv4(80).await.expect("alpha's port");
     let port_b = beta.get_host_port_ipv4(80).await.expect("beta's port");
@@ -155,6 +174,7 @@ async fn bench(args: Args) {
         let base = dir.join(format!("Caddyfile-{shard}"));
         std::fs::write(&base, caddy.base_caddyfile()).expect("base Caddyfile");
         let mut settings = vec![("STREAM_OWNER", (shard == 0).to_string())];
+        settings.extend(upstreams_settings(&args.upstreams));
         if args.shards > 1 {
             settings.push(("APPLIER_DOMAINS", format!("*.s{shard}.fleet.test")));
         }
@@ -174,33 +194,75 @@ async fn bench(args: Args) {
     let first_converge_s = started.elapsed().as_secs_f64();
     let (caddy, applier) = (&caddys[0], &appliers[0]);
 
-    // Caddy's floor: a bare forced /load of the config it runs.
-    let floors = load_floor(caddy, 3).await;
-
-    // Request latency across up to 1,000 live sites of the first shard.
-    let live: Vec<String> = (0..args.agents)
+    // The probed sites: up to 1,000 of the first shard, whole agents (the
+    // comparison applier serves them by agent: `*.a<k>.s0.fleet.test`).
+    let probed_agents = (1000 / args.containers.div_ceil(args.shards)).clamp(1, args.agents);
+    let live: Vec<String> = (0..probed_agents)
         .flat_map(|k| (0..args.containers).map(move |j| (k, j)))
         .filter(|(_, j)| j % args.shards == 0)
         .map(|(k, j)| site(&args, k, j))
         .take(1000)
         .collect();
+    let other_base = dir.join("Caddyfile-other");
+    std::fs::write(&other_base, other_caddy.base_caddyfile()).expect("base Caddyfile");
+    let mut other_settings = upstreams_settings(other_mode);
+    other_settings.push(("STREAM_OWNER", "false".to_string()));
+    other_settings.push((
+        "APPLIER_DOMAINS",
+        (0..probed_agents)
+            .map(|k| format!("*.a{k}.s0.fleet.test"))
+            .collect::<Vec<_>>()
+            .join(","),
+    ));
+    let other = ApplierProcess::start_with(
+        &nats,
+        &other_caddy,
+        "fleet-other",
+        &other_base,
+        &other_settings,
+    );
+    other.caught_up(last, Duration::from_secs(1800)).await;
+
+    // Caddy's floor: a bare forced /load of the config it runs.
+    let floors = load_floor(caddy, 3).await;
+
+    // Request latency across the probed sites, alternating between this
+    // Caddy and the comparison one (same machine noise for both).
     let mut request_s = Vec::new();
+    let mut other_request_s = Vec::new();
     for round in 0..2 {
         for host in &live {
-            let started = Instant::now();
-            let answer = caddy.get(host).await;
-            assert!(
-                matches!(&answer, Some((200, body)) if body == "alpha"),
-                "{host} (round {round}): {answer:?}"
-            );
-            request_s.push(started.elapsed().as_secs_f64());
+            for (target, times) in [
+                (caddy, &mut request_s),
+                (&other_caddy, &mut other_request_s),
+            ] {
+                let started = Instant::now();
+                let answer = target.get(host).await;
+                assert!(
+                    matches!(&answer, Some((200, body)) if body == "alpha"),
+                    "{host} (round {round}): {answer:?}"
+                );
+                times.push(started.elapsed().as_secs_f64());
+            }
         }
     }
+    drop(other);
+    let (dynamic_p99, static_p99) = if args.upstreams == "dynamic" {
+        (
+            percentile(request_s.clone(), 0.99),
+            percentile(other_request_s.clone(), 0.99),
+        )
+    } else {
+        (
+            percentile(other_request_s.clone(), 0.99),
+            percentile(request_s.clone(), 0.99),
+        )
+    };
 
     // New sites.
     let mut new_site = Vec::new();
     for n in 0..5 {
-        let domain = format!("new{n}-a0.s0.fleet.test");
+        let domain = format!("new{n}.a0.s0.fleet.test");
         let started = Instant::now();
         publish_batched(
             &js,
@@ -256,7 +318,7 @@ async fn bench(args: Args) {
                         n += 1;
                         let (k, j) = ((n * 7919) % args_agents, (n * 104_729) % args_containers);
                         let port = if n.is_multiple_of(2) { port_a } else { port_b };
-                        let domain = format!("c{j}-a{k}.s{}.fleet.test", j % shards);
+                        let domain = site_of(shards, k, j);
                         up(k, j, &domain, port)
                     })
                     .collect();
@@ -325,11 +387,14 @@ async fn bench(args: Args) {
         args.agents, args.containers, args.shards, args.upstreams
     );
     println!(
-        "fleet: request through Caddy p50 {:.4} s p99 {:.4} s over {} requests to {} sites",
+        "fleet: request through Caddy p50 {:.4} s p99 {:.4} s over {} requests to {} sites ({}); the other mode ({other_mode}) p50 {:.4} s p99 {:.4} s",
         percentile(request_s.clone(), 0.5),
         percentile(request_s.clone(), 0.99),
         request_s.len(),
-        live.len()
+        live.len(),
+        args.upstreams,
+        percentile(other_request_s.clone(), 0.5),
+        percentile(other_request_s.clone(), 0.99),
     );
     let json = serde_json::json!({
         "agents": args.agents,
@@ -347,8 +412,9 @@ async fn bench(args: Args) {
         "caddy_rss_mib": (caddy_rss * 10.0).round() / 10.0,
         "request_p50_s": percentile(request_s.clone(), 0.5),
         "request_p99_s": percentile(request_s, 0.99),
-        // Needs dynamic upstreams, not built yet.
-        "request_p99_dynamic_over_static": serde_json::Value::Null,
+        "request_p99_dynamic_s": dynamic_p99,
+        "request_p99_static_s": static_p99,
+        "request_p99_dynamic_over_static": dynamic_p99 / static_p99,
     });
     println!("{json}");
 }
