@@ -381,3 +381,150 @@ fn send(sent: Result<ResponseInfo, hickory_server::net::NetError>) -> ResponseIn
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caddy_fleet_schema::dynamic::{DynamicProxy, ProxyModes};
+    use caddy_fleet_schema::AgentId;
+    use hickory_server::proto::op::{Message, Query};
+
+    fn unit(id: &str, name: &str, upstreams: &[&str]) -> ContainerUnit {
+        ContainerUnit {
+            agent: AgentId::new("a1").unwrap(),
+            container: id.into(),
+            container_id: id.into(),
+            file: Default::default(),
+            text: String::new(),
+            trusted: true,
+            proxies: ProxyModes {
+                dynamic: vec![DynamicProxy {
+                    site: "a.test".into(),
+                    name: name.into(),
+                    upstreams: upstreams.iter().map(|u| u.to_string()).collect(),
+                }],
+                kept_static: Vec::new(),
+            },
+        }
+    }
+
+    /// One query over UDP, as Caddy's Go resolver sends it.
+    async fn ask(server: SocketAddr, name: &str, kind: RecordType) -> Message {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut query = Message::query();
+        query.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+        socket
+            .send_to(&query.to_vec().unwrap(), server)
+            .await
+            .unwrap();
+        let mut buffer = vec![0; 4096];
+        let (len, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        Message::from_vec(&buffer[..len]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_srv_from_the_published_units_and_addresses_from_target_names() {
+        let board = AnswerBoard::new(Duration::from_secs(1));
+        let name = "h0123-a-test.caddy-fleet.internal.";
+        let units = [
+            unit("c1", name, &["10.0.0.7:8001"]),
+            unit("c2", name, &["10.0.0.8:8002", "[fd00::9]:8003"]),
+        ];
+        assert!(board.publish(UpstreamAnswers::of_units(&units)));
+        assert!(
+            !board.publish(UpstreamAnswers::of_units(&units)),
+            "the same answers are no change"
+        );
+        let server = UpstreamDns::bind("127.0.0.1:0".parse().unwrap(), &board, Family::default())
+            .await
+            .unwrap();
+        let address = server.local_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+
+        let srv = ask(address, name, RecordType::SRV).await;
+        assert_eq!(srv.metadata.response_code, ResponseCode::NoError);
+        assert!(srv.metadata.authoritative);
+        let mut targets: Vec<(String, u16)> = srv
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(srv) => Some((srv.target.to_string(), srv.port)),
+                _ => None,
+            })
+            .collect();
+        targets.sort();
+        assert_eq!(
+            targets,
+            [
+                ("ip4-10-0-0-7.caddy-fleet.internal.".to_string(), 8001),
+                ("ip4-10-0-0-8.caddy-fleet.internal.".to_string(), 8002),
+                (target_name("fd00::9".parse().unwrap()), 8003),
+            ]
+        );
+        assert_eq!(srv.additionals.len(), 3, "addresses come along");
+
+        let a = ask(address, "ip4-10-0-0-7.caddy-fleet.internal.", RecordType::A).await;
+        assert!(
+            matches!(&a.answers[0].data, RData::A(a) if a.0 == std::net::Ipv4Addr::new(10, 0, 0, 7))
+        );
+        let aaaa = ask(
+            address,
+            &target_name("fd00::9".parse().unwrap()),
+            RecordType::AAAA,
+        )
+        .await;
+        assert!(matches!(&aaaa.answers[0].data, RData::AAAA(_)));
+        let wrong_family = ask(
+            address,
+            "ip4-10-0-0-7.caddy-fleet.internal.",
+            RecordType::AAAA,
+        )
+        .await;
+        assert_eq!(wrong_family.metadata.response_code, ResponseCode::NoError);
+        assert!(wrong_family.answers.is_empty());
+
+        let unknown = ask(
+            address,
+            "h9999-b-test.caddy-fleet.internal.",
+            RecordType::SRV,
+        )
+        .await;
+        assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
+        let outside = ask(address, "example.com.", RecordType::A).await;
+        assert_eq!(outside.metadata.response_code, ResponseCode::Refused);
+
+        // A deploy: the answers change and the next query sees them.
+        assert!(board.publish(UpstreamAnswers::of_units(&[unit(
+            "c3",
+            name,
+            &["10.0.0.9:9000"]
+        )])));
+        let moved = ask(address, name, RecordType::SRV).await;
+        assert_eq!(moved.answers.len(), 1);
+        assert!(matches!(&moved.answers[0].data, RData::SRV(srv) if srv.port == 9000));
+
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_taken_address_is_a_clear_error() {
+        let board = AnswerBoard::new(Duration::from_secs(1));
+        let first = UpstreamDns::bind("127.0.0.1:0".parse().unwrap(), &board, Family::default())
+            .await
+            .unwrap();
+        let error = UpstreamDns::bind(first.local_addr(), &board, Family::default())
+            .await
+            .err()
+            .expect("the address is taken");
+        let text = error.to_string();
+        assert!(text.contains("UPSTREAM_DNS_LISTEN"), "{text}");
+        assert!(text.contains(&first.local_addr().to_string()), "{text}");
+    }
+}

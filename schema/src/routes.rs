@@ -428,6 +428,69 @@ mod tests {
     }
 
     #[test]
+    fn routes_and_explain_say_how_upstreams_reach_caddy() {
+        let mut opts = TranslateOptions::trusting();
+        opts.dynamic_upstreams = Some(crate::dynamic::DynamicUpstreams {
+            resolver: "127.0.0.1:8053".parse().unwrap(),
+            refresh: std::time::Duration::from_secs(1),
+            grace_period: std::time::Duration::from_secs(60),
+        });
+        let mut s = RouteState::default();
+        s.apply(1, &up("a1", "c1", "a.test", 8001, ContainerState::Running));
+        let mut checked = up("a1", "c2", "b.test", 8002, ContainerState::Running);
+        if let Event::Up(facts) = &mut checked {
+            facts.host_address = "10.0.0.2".into();
+            facts
+                .labels
+                .insert("caddy.reverse_proxy.health_uri".into(), "/h".into());
+        }
+        s.apply(2, &checked);
+        s.apply(3, &up("a2", "c3", "c.test", 8003, ContainerState::Running));
+        if let Event::Up(facts) = &mut checked {
+            facts.id = "c4".into();
+            facts.labels.remove("caddy.reverse_proxy.health_uri");
+            facts.labels.insert("caddy".into(), "http://d.test".into());
+        }
+        s.apply(4, &checked);
+        let table = route_table(&s, &opts);
+        let row = |site: &str| table.iter().find(|r| r.site == site).unwrap();
+        // Host names are not IP addresses: static, with the reason.
+        assert_eq!(row("http://a.test").upstreams_mode, UpstreamsMode::Static);
+        assert!(row("http://a.test")
+            .static_reason
+            .as_deref()
+            .unwrap()
+            .contains("not an IP address"));
+        assert_eq!(row("http://b.test").upstreams_mode, UpstreamsMode::Static);
+        assert!(row("http://b.test")
+            .static_reason
+            .as_deref()
+            .unwrap()
+            .contains("health_uri"));
+        assert_eq!(row("http://b.test").upstreams, ["10.0.0.2:8002"]);
+        assert_eq!(row("http://d.test").upstreams_mode, UpstreamsMode::Dynamic);
+        assert_eq!(row("http://d.test").static_reason, None);
+        assert_eq!(row("http://d.test").upstreams, ["10.0.0.2:8002"]);
+
+        let why = explain(&s, &opts, "d.test");
+        assert_eq!(why[0].upstreams, ["10.0.0.2:8002"]);
+        assert!(why[0]
+            .upstreams_by
+            .as_deref()
+            .unwrap()
+            .starts_with("DNS (h"));
+        let why = explain(&s, &opts, "b.test");
+        assert!(why[0]
+            .upstreams_by
+            .as_deref()
+            .unwrap()
+            .starts_with("static: its labels configure Caddy's health checks"));
+        // Static mode says nothing of DNS.
+        let plain = explain(&s, &TranslateOptions::trusting(), "d.test");
+        assert_eq!(plain[0].upstreams_by, None);
+    }
+
+    #[test]
     fn explain_says_a_stopping_container_and_another_shards_site_are_left_out() {
         let mut opts = TranslateOptions::trusting();
         opts.shard = Some(crate::shard::DomainShard::parse("a.test").unwrap());

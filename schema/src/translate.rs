@@ -823,6 +823,67 @@ mod tests {
     }
 
     #[test]
+    fn dynamic_upstreams_keep_a_deploys_text_and_answer_only_what_the_policy_allows() {
+        let mut options = granted("\"a.test\"");
+        options.dynamic_upstreams = Some(DynamicUpstreams {
+            resolver: "127.0.0.1:8053".parse().unwrap(),
+            refresh: Duration::from_secs(1),
+            grace_period: Duration::from_secs(3600),
+        });
+        let labels = [("caddy", "a.test"), PROXY];
+        let old = remote("a1", "web", &labels, 8001);
+        let new = remote("a22", "web2", &labels, 9002);
+        let text = |containers: Vec<ContainerFacts>| {
+            translate_state(&state(containers), None, &options)
+                .caddyfile
+                .marshal()
+        };
+        let before = text(vec![old.clone()]);
+        assert_eq!(before, text(vec![new.clone()]), "moved to another host");
+        assert_eq!(before, text(vec![old.clone(), new.clone()]), "scaled out");
+        assert!(!before.contains("10.0.0."), "{before}");
+        assert_eq!(before.matches("dynamic srv").count(), 1, "{before}");
+
+        let (units, rejected) = translate_units(&state(vec![old, new]), &options, &BTreeSet::new());
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let proxies: Vec<&crate::dynamic::DynamicProxy> =
+            units.iter().flat_map(|u| &u.proxies.dynamic).collect();
+        assert_eq!(proxies.len(), 2);
+        assert_eq!(proxies[0].name, proxies[1].name);
+        let upstreams: BTreeSet<&str> = proxies
+            .iter()
+            .flat_map(|p| p.upstreams.iter().map(String::as_str))
+            .collect();
+        assert_eq!(
+            upstreams,
+            BTreeSet::from(["10.0.0.2:8001", "10.0.0.3:9002"])
+        );
+
+        // What the policy refuses never reaches an answer: a host address
+        // that can never be an upstream, and labels asking for their own
+        // dynamic upstreams.
+        let mut loopback = remote("a1", "loop", &labels, 8001);
+        loopback.host_address = "127.0.0.1".into();
+        let sneaky = remote(
+            "a333",
+            "sneaky",
+            &[
+                ("caddy", "a.test"),
+                ("caddy.reverse_proxy.dynamic", "srv evil.test"),
+            ],
+            8003,
+        );
+        let (units, rejected) =
+            translate_units(&state(vec![loopback, sneaky]), &options, &BTreeSet::new());
+        assert!(units.is_empty(), "{units:?}");
+        assert_eq!(rejected.len(), 2);
+        assert!(
+            rejected.iter().all(|r| r.by == RefusedBy::Policy),
+            "{rejected:?}"
+        );
+    }
+
+    #[test]
     fn identical_declarations_on_granted_agents_load_balance() {
         let options = granted("\"a.test\"");
         let s = state(vec![
