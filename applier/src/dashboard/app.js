@@ -172,9 +172,11 @@
           }
           since.appendChild(li);
         }
+        const upstreams = td(list(s.upstreams));
+        if (s.upstreams_by) upstreams.appendChild(el('p', s.upstreams_by, 'mode'));
         return tr([
           rowHeader(s.site),
-          td(list(s.upstreams)),
+          upstreams,
           td(list(s.containers.map((c) => c.container + ' on ' + c.agent))),
           td(since),
         ]);

@@ -32,7 +32,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use caddy_fleet_schema::routes::{RefusedRow, RouteRow};
+use caddy_fleet_schema::routes::{RefusedRow, RouteRow, UpstreamsMode};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
@@ -185,6 +185,9 @@ impl Dashboard {
 pub struct SiteRow {
     pub site: String,
     pub upstreams: Vec<String>,
+    /// How the upstreams reach Caddy, when it is worth saying: `by DNS`,
+    /// or why a site stays static under `UPSTREAMS=dynamic`.
+    pub upstreams_by: Option<String>,
     pub containers: Vec<SiteContainer>,
 }
 
@@ -258,6 +261,11 @@ impl Model {
             .map(|r| SiteRow {
                 site: r.site.clone(),
                 upstreams: r.upstreams.clone(),
+                upstreams_by: match (r.upstreams_mode, &r.static_reason) {
+                    (UpstreamsMode::Dynamic, _) => Some("by DNS".to_string()),
+                    (UpstreamsMode::Static, Some(reason)) => Some(format!("static: {reason}")),
+                    (UpstreamsMode::Static, None) => None,
+                },
                 containers: r
                     .containers
                     .iter()

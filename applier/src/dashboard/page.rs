@@ -251,7 +251,10 @@ fn site_row(s: &SiteRow) -> Markup {
     html! {
         tr {
             th scope="row" { (s.site) }
-            td { (list(s.upstreams.iter().map(String::as_str))) }
+            td {
+                (list(s.upstreams.iter().map(String::as_str)))
+                @if let Some(by) = &s.upstreams_by { p.mode { (by) } }
+            }
             td { ul { @for c in &s.containers { li { (c.container) " on " (c.agent) } } } }
             td { ul { @for c in &s.containers { li {
                 @match c.since_ms {
@@ -419,6 +422,7 @@ mod tests {
                 .map(|i| SiteRow {
                     site: format!("http://s{i}.test"),
                     upstreams: vec![format!("10.0.0.1:{}", 8000 + i)],
+                    upstreams_by: (i % 2 == 0).then(|| "by DNS".to_string()),
                     containers: vec![SiteContainer {
                         agent: "a1".into(),
                         container: format!("web-{i}"),
@@ -464,6 +468,11 @@ mod tests {
         );
         assert!(html.contains("Page 1 of 20"));
         assert!(html.contains(r##"href="?sites=2#sites""##));
+        // Half the sites say their upstreams come by DNS.
+        assert_eq!(
+            html.matches("<p class=\"mode\">by DNS</p>").count(),
+            PAGE_ROWS / 2
+        );
         let q = PageQuery {
             sites: Some("20".into()),
             q: Some("web-99".into()),
