@@ -224,7 +224,7 @@ pub struct Settings {
     /// How generated reverse_proxy handlers get their upstreams: static (listed in the config; every deploy is a push) or dynamic (looked up in the applier's DNS at UPSTREAM_DNS_LISTEN; a deploy that only moves upstreams changes the answers, with no push).
     #[arg(long, env = "UPSTREAMS", global = true, value_name = "MODE", default_value = "static", value_parser = parse_upstreams_mode)]
     #[serde(deserialize_with = "text::upstreams_mode")]
-    pub upstreams: UpstreamsMode,
+    pub upstreams_mode: UpstreamsMode,
 
     /// Where the applier answers DNS for dynamic upstreams (UPSTREAMS=dynamic); Caddy must reach it, so loopback next to Caddy.
     #[arg(long, env = "UPSTREAM_DNS_LISTEN", global = true, value_name = "ADDRESS", default_value = "127.0.0.1:8053", value_parser = parse_listen_address)]
@@ -696,7 +696,7 @@ impl Settings {
     /// Where and how Caddy looks dynamic upstreams up; `None` when
     /// upstreams are static.
     fn dynamic_upstreams(&self) -> Result<Option<DynamicUpstreams>, SettingsError> {
-        if self.upstreams == UpstreamsMode::Static {
+        if self.upstreams_mode == UpstreamsMode::Static {
             return Ok(None);
         }
         if self.upstream_dns_refresh.is_zero() {
@@ -1306,7 +1306,7 @@ coalesce_max_delay = "2s"
 stream_close_delay = "1h"
 proxy_try_duration = "5s"
 applier_domains = "*.eu.example.com,eu.example.com"
-upstreams = "dynamic"
+upstreams_mode = "dynamic"
 upstream_dns_listen = "127.0.0.1:8053"
 upstream_dns_refresh = "1s"
 upstream_dns_grace = "24h"
