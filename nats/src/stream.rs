@@ -52,7 +52,7 @@ impl Default for StreamSettings {
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
             replicas: 1,
-            agent_max_bytes: 64 * 1024 * 1024,
+            agent_max_bytes: 16 * 1024 * 1024,
             agent_max_age: Duration::from_secs(3600),
             owner: true,
         }
