@@ -232,8 +232,11 @@ async fn bench(args: Args) {
     if let Some(other) = &other {
         other.caught_up(last, Duration::from_secs(1800)).await;
     }
-    // Neither applier still adapts sites alone (that loads its Caddy).
-    applier.settled().await;
+    // No applier still adapts sites alone (that loads its Caddy and the
+    // machine).
+    for applier in &appliers {
+        applier.settled().await;
+    }
     if let Some(other) = &other {
         other.settled().await;
     }
@@ -254,7 +257,8 @@ async fn bench(args: Args) {
                 let answer = target.get(host).await;
                 assert!(
                     matches!(&answer, Some((200, body)) if body == "alpha"),
-                    "{host} (round {round}): {answer:?}"
+                    "{host} (round {round}) through the Caddy on admin port {}: {answer:?}",
+                    target.admin_port
                 );
                 times.push(started.elapsed().as_secs_f64());
             }
