@@ -66,14 +66,15 @@ struct Args {
     bench: bool,
 }
 
-/// Site `c<j>.a<k>.s<shard>.fleet.test` of agent `fleet-a<k>`: containers
-/// are spread over the shards by their index.
+/// Site `c<j>-a<k>.s<shard>.fleet.test` of agent `fleet-a<k>`: containers
+/// are spread over the shards by their index (`*.s<shard>.fleet.test`
+/// matches one label, as a TLS wildcard does).
 fn site(args: &Args, k: usize, j: usize) -> String {
     site_of(args.shards, k, j)
 }
 
 fn site_of(shards: usize, k: usize, j: usize) -> String {
-    format!("c{j}.a{k}.s{}.fleet.test", j % shards)
+    format!("c{j}-a{k}.s{}.fleet.test", j % shards)
 }
 
 /// The settings for `UPSTREAMS=mode` (the DNS on its own free port).
@@ -250,15 +251,17 @@ async fn bench(args: Args) {
     let mut other_request_s = Vec::new();
     for round in 0..2 {
         for host in &live {
-            let targets = std::iter::once((caddy, &mut request_s))
-                .chain(other_caddy.as_ref().map(|c| (c, &mut other_request_s)));
-            for (target, times) in targets {
+            let targets = std::iter::once(("measured", caddy, &mut request_s)).chain(
+                other_caddy
+                    .as_ref()
+                    .map(|c| ("comparison", c, &mut other_request_s)),
+            );
+            for (which, target, times) in targets {
                 let started = Instant::now();
                 let answer = target.get(host).await;
                 assert!(
                     matches!(&answer, Some((200, body)) if body == "alpha"),
-                    "{host} (round {round}) through the Caddy on admin port {}: {answer:?}",
-                    target.admin_port
+                    "{host} (round {round}) through the {which} Caddy: {answer:?}"
                 );
                 times.push(started.elapsed().as_secs_f64());
             }
@@ -281,7 +284,7 @@ async fn bench(args: Args) {
     // New sites.
     let mut new_site = Vec::new();
     for n in 0..5 {
-        let domain = format!("new{n}.a0.s0.fleet.test");
+        let domain = format!("new{n}-a0.s0.fleet.test");
         let started = Instant::now();
         publish_batched(
             &js,
