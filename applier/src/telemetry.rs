@@ -53,6 +53,7 @@ pub(crate) struct Metrics {
     pub composed_configs: Counter,
     pub whole_adapts: Family<Reason, Counter>,
     pub site_adapts: Counter,
+    pub source_restarts: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -77,6 +78,7 @@ impl Default for Metrics {
             composed_configs: Counter::default(),
             whole_adapts: Family::default(),
             site_adapts: Counter::default(),
+            source_restarts: Family::default(),
         };
         registry.register(
             "events_folded",
@@ -152,6 +154,11 @@ impl Default for Metrics {
             "site_adapts",
             "Caddy adapts of one site alone (or of the global options), to compose configs from",
             metrics.site_adapts.clone(),
+        );
+        registry.register(
+            "log_source_restarts",
+            "Restarts of the log's sourcing of an ingest stream that stalled (log owner only), by why it was called stalled",
+            metrics.source_restarts.clone(),
         );
         Metrics {
             registry,
@@ -412,6 +419,25 @@ impl Stats {
 
     pub(crate) fn agent_expired(&self, agent: &str, silent: Duration) {
         tracing::warn!(%agent, silent_secs = silent.as_secs(), "Agent silent longer than AGENT_TTL: its routes are removed until it is heard again.");
+    }
+
+    /// The log's owner restarted its sourcing of `source` (an agent's
+    /// ingest stream), which had stalled (`stall`) for `stalled_for` with
+    /// `lag` messages pending.
+    pub fn log_source_restarted(&self, source: &str, stall: &str, stalled_for: Duration, lag: u64) {
+        self.metrics
+            .source_restarts
+            .get_or_create(&Reason {
+                reason: stall.to_string(),
+            })
+            .inc();
+        tracing::warn!(source, stall, stalled_for_ms = stalled_for.as_millis() as u64, lag,
+            "The log's sourcing of an ingest stream stalled (a leader change or partition?); restarted it, resuming after what the log holds.");
+    }
+
+    /// The log's owner could not read or update the log to watch its sources.
+    pub fn log_source_watch_failed(&self, error: &dyn std::fmt::Display) {
+        tracing::warn!(%error, "Cannot watch the log's sources now (no log leader?); trying again.");
     }
 
     pub(crate) fn agent_back(&self, agent: &str) {
