@@ -354,6 +354,8 @@ async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alon
     js.update_stream(config).await.expect("add a source");
 
     let restarts: std::sync::Mutex<Vec<SourceRestart>> = Default::default();
+    // Counted and logged as the applier does (`run_applier`).
+    let board = caddy_fleet::applier::StatusBoard::default();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let watching = watch(
         js.clone(),
@@ -362,7 +364,15 @@ async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alon
             every: Duration::from_millis(200),
             stall_after: Duration::from_secs(2),
         },
-        |restart| restarts.lock().unwrap().push(restart.clone()),
+        |restart| {
+            board.stats.log_source_restarted(
+                &restart.source,
+                restart.stall.as_str(),
+                restart.stalled_for,
+                restart.lag,
+            );
+            restarts.lock().unwrap().push(restart.clone());
+        },
         |error| eprintln!("watch: {error}"),
         async {
             let _ = stopped.await;
@@ -431,6 +441,12 @@ async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alon
             before,
             "restarted while healthy: {restarts:?}"
         );
+        let metrics = board.metrics();
+        let counted = format!(
+            "caddy_fleet_log_source_restarts_total{{reason=\"silent\"}} {}",
+            restarts.len()
+        );
+        assert!(metrics.contains(&counted), "{counted} not in {metrics}");
         let _ = stop.send(());
     };
     let ((), ()) = tokio::join!(watching, checking);

@@ -45,6 +45,7 @@ pub(crate) struct Metrics {
     pub push_duration: Histogram,
     pub change_to_pushed: Histogram,
     pub checkpoints: Counter,
+    pub source_restarts: Family<Reason, Counter>,
     pub rejected_containers: Gauge,
     pub refused_containers: Family<By, Gauge>,
     pub consumer_lag: Gauge,
@@ -53,7 +54,6 @@ pub(crate) struct Metrics {
     pub composed_configs: Counter,
     pub whole_adapts: Family<Reason, Counter>,
     pub site_adapts: Counter,
-    pub source_restarts: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -70,6 +70,7 @@ impl Default for Metrics {
             push_duration: seconds(),
             change_to_pushed: seconds(),
             checkpoints: Counter::default(),
+            source_restarts: Family::default(),
             rejected_containers: Gauge::default(),
             refused_containers: Family::default(),
             consumer_lag: Gauge::default(),
@@ -78,7 +79,6 @@ impl Default for Metrics {
             composed_configs: Counter::default(),
             whole_adapts: Family::default(),
             site_adapts: Counter::default(),
-            source_restarts: Family::default(),
         };
         registry.register(
             "events_folded",
@@ -114,6 +114,11 @@ impl Default for Metrics {
             "checkpoints",
             "Checkpoints written",
             metrics.checkpoints.clone(),
+        );
+        registry.register(
+            "log_source_restarts",
+            "Restarts of the log's sourcing of an ingest stream that stalled (log owner only), by why it was called stalled",
+            metrics.source_restarts.clone(),
         );
         registry.register(
             "rejected_containers",
@@ -154,11 +159,6 @@ impl Default for Metrics {
             "site_adapts",
             "Caddy adapts of one site alone (or of the global options), to compose configs from",
             metrics.site_adapts.clone(),
-        );
-        registry.register(
-            "log_source_restarts",
-            "Restarts of the log's sourcing of an ingest stream that stalled (log owner only), by why it was called stalled",
-            metrics.source_restarts.clone(),
         );
         Metrics {
             registry,
