@@ -217,6 +217,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 let answers = lag.is_some()
                     || tokio::time::timeout(LAG_TIMEOUT, source.log_answers()).await.unwrap_or(false);
                 liveness.looked(answers);
+                stats.log_answered(answers);
                 if liveness.expire(&state, config.agent_ttl, stats) {
                     changed_since.get_or_insert_with(Instant::now);
                     owner.changes.send_modify(|n| *n += 1);

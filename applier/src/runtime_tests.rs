@@ -569,6 +569,8 @@ async fn an_outage_of_the_log_expires_no_agent_and_silence_after_it_still_does()
             .any(|a| a.agent == "quiet" && a.expired)
     };
     assert!(!expired(&applier), "expired during the log's outage");
+    let metrics = applier.board.metrics();
+    assert!(metrics.contains("caddy_fleet_log_answers 0"), "{metrics}");
     assert!(caddy.last_loaded().contains("q.test"));
     // The log answers again and the agent stays silent: it expires one TTL
     // of answering log later (within a tick or two), not before.
@@ -584,6 +586,8 @@ async fn an_outage_of_the_log_expires_no_agent_and_silence_after_it_still_does()
         "expired {silent:?} after the log came back"
     );
     assert!(expired(&applier));
+    let metrics = applier.board.metrics();
+    assert!(metrics.contains("caddy_fleet_log_answers 1"), "{metrics}");
     applier.stop().await;
 }
 

@@ -46,6 +46,7 @@ pub(crate) struct Metrics {
     pub change_to_pushed: Histogram,
     pub checkpoints: Counter,
     pub source_restarts: Family<Reason, Counter>,
+    pub log_answers: Gauge,
     pub rejected_containers: Gauge,
     pub refused_containers: Family<By, Gauge>,
     pub consumer_lag: Gauge,
@@ -71,6 +72,7 @@ impl Default for Metrics {
             change_to_pushed: seconds(),
             checkpoints: Counter::default(),
             source_restarts: Family::default(),
+            log_answers: Gauge::default(),
             rejected_containers: Gauge::default(),
             refused_containers: Family::default(),
             consumer_lag: Gauge::default(),
@@ -114,6 +116,13 @@ impl Default for Metrics {
             "checkpoints",
             "Checkpoints written",
             metrics.checkpoints.clone(),
+        );
+        // Answering until a look says otherwise.
+        metrics.log_answers.set(1);
+        registry.register(
+            "log_answers",
+            "1 while the log answers (it has a leader: a majority of its NATS nodes), 0 while it does not",
+            metrics.log_answers.clone(),
         );
         registry.register(
             "log_source_restarts",
@@ -433,6 +442,16 @@ impl Stats {
             .inc();
         tracing::warn!(source, stall, stalled_for_ms = stalled_for.as_millis() as u64, lag,
             "The log's sourcing of an ingest stream stalled (a leader change or partition?); restarted it, resuming after what the log holds.");
+    }
+
+    /// The log was looked at and answered or not (each consumption tick).
+    pub(crate) fn log_answered(&self, answers: bool) {
+        let before = self.metrics.log_answers.set(i64::from(answers));
+        if before == 1 && !answers {
+            tracing::warn!("The log does not answer (no majority of its NATS nodes, or none reachable): Caddy keeps serving what it runs, and agents' silence does not count against AGENT_TTL until it answers again.");
+        } else if before == 0 && answers {
+            tracing::info!("The log answers again.");
+        }
     }
 
     /// The log's owner could not read or update the log to watch its sources.
