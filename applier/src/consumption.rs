@@ -213,9 +213,11 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 }
                 // NATS down must not hold the loop (or shutdown) for long.
                 let lag = tokio::time::timeout(LAG_TIMEOUT, source.lag()).await.ok().flatten();
-                // The consumer answered, so the log did; otherwise ask.
-                let answers = lag.is_some()
-                    || tokio::time::timeout(LAG_TIMEOUT, source.log_answers()).await.unwrap_or(false);
+                // Whether the log has a majority (a consumer's answer alone
+                // does not say: a replica can answer without one).
+                let answers = tokio::time::timeout(LAG_TIMEOUT, source.log_answers())
+                    .await
+                    .unwrap_or(false);
                 liveness.looked(answers);
                 stats.log_answered(answers);
                 if liveness.expire(&state, config.agent_ttl, stats) {

@@ -22,7 +22,7 @@ pub trait LogSource {
         async { None }
     }
 
-    /// Whether the log answers now (it has a leader: a majority of its
+    /// Whether the log answers now (it has a leader and a majority of its
     /// nodes). While it does not, no agent can be heard, so silence does
     /// not count against `AGENT_TTL`. A source that is not a remote log
     /// always answers.
@@ -57,7 +57,7 @@ impl LogSource for DurableSource {
     }
 
     async fn log_answers(&mut self) -> bool {
-        DurableSource::log_end(self).await.is_ok()
+        self.log_has_majority().await.unwrap_or(false)
     }
 
     async fn read_range(&mut self, from: u64, to: u64) -> Result<Vec<Delivery>, ConsumeError> {

@@ -530,6 +530,21 @@ impl Fleet {
         wrong
     }
 
+    /// A heartbeat from every agent (a publisher sends one now and then).
+    pub async fn heartbeat(&self) {
+        for (sink, agent) in self.sinks.iter().zip(&self.agents) {
+            let beat = Event::Heartbeat(caddy_fleet::schema::Heartbeat {
+                agent: agent.clone(),
+                sent_at_ms: 0,
+            });
+            sink.lock()
+                .await
+                .publish(&beat)
+                .await
+                .expect("hand over to the outbox");
+        }
+    }
+
     /// Messages each agent's outbox still holds.
     pub fn unsent(&self) -> Vec<usize> {
         self.outboxes.iter().map(|o| o.len()).collect()
@@ -565,6 +580,16 @@ pub struct ApplierProcess {
 
 impl ApplierProcess {
     pub fn start(cluster: &Cluster, caddy: &Caddy, name: &str) -> ApplierProcess {
+        ApplierProcess::start_with(cluster, caddy, name, &[])
+    }
+
+    /// [`ApplierProcess::start`] with more settings (`KEY`, value).
+    pub fn start_with(
+        cluster: &Cluster,
+        caddy: &Caddy,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> ApplierProcess {
         let dir = std::env::temp_dir().join(format!("caddy-fleet-chaos-{}", unique()));
         std::fs::create_dir_all(&dir).unwrap();
         let base = dir.join("Caddyfile");
@@ -587,6 +612,10 @@ impl ApplierProcess {
             ),
             ("RUST_LOG".to_string(), "warn".to_string()),
         ];
+        let args = args
+            .into_iter()
+            .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
         let mut applier = ApplierProcess {
             child: None,
             args,
