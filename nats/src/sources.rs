@@ -18,8 +18,9 @@
 //! source (found from the `Nats-Stream-Source` header), so nothing is lost
 //! and nothing is sourced twice (`tests/sources.rs` checks this against a
 //! real NATS). A source is not restarted again before a
-//! [`RetryPolicy::SOURCE_RESTART`] delay, and a source removed but not yet
-//! added back is added back before anything else.
+//! [`RetryPolicy::SOURCE_RESTART`] delay, a source removed but not yet
+//! added back is added back before anything else, and nothing is restarted
+//! while the log has no majority ([`crate::stream::has_majority`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -312,6 +313,11 @@ pub async fn watch(
                 removed.clear();
             }
             let info = log_info(&js, &settings).await?;
+            // Without a majority the log can be neither sourced into nor
+            // updated: nothing to restart until it has one again.
+            if !crate::stream::has_majority(&info) {
+                return Ok(());
+            }
             let stalled = tracker.observe(Instant::now(), &info.sources);
             if stalled.is_empty() {
                 return Ok(());
