@@ -9,7 +9,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use caddy_fleet::nats::async_nats::jetstream;
 use caddy_fleet::nats::StreamSettings;
 use chaos_harness::{ApplierProcess, Cluster, Fleet};
 use support::*;
@@ -27,13 +26,7 @@ async fn a_log_without_its_majority_expires_no_agent_and_keeps_every_route() {
     const TTL: Duration = Duration::from_secs(8);
     let (cluster, caddy) = tokio::join!(Cluster::start(), Caddy::start());
     let applier = ApplierProcess::start_with(&cluster, &caddy, "quorum", &[("AGENT_TTL", "8s")]);
-    let admin = jetstream::new(cluster.client().await);
-    wait_for(
-        "the applier to create the log",
-        Duration::from_secs(60),
-        || async { admin.get_stream("CADDY_FLEET").await.ok().map(|_| ()) },
-    )
-    .await;
+    cluster.log_created().await;
     let settings = StreamSettings {
         replicas: 3,
         ..StreamSettings::default()

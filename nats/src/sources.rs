@@ -30,7 +30,7 @@ use async_nats::jetstream::{self, stream};
 use tokio::time::Instant;
 
 use crate::retry::{Retry, RetryPolicy};
-use crate::stream::{StreamError, StreamSettings};
+use crate::stream::{log_info, StreamError, StreamSettings};
 
 /// How the watch reads the log and when it calls a source stalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,26 +268,6 @@ async fn log_config(
     settings: &StreamSettings,
 ) -> Result<stream::Config, StreamError> {
     Ok(log_info(js, settings).await?.config)
-}
-
-async fn log_info(
-    js: &jetstream::Context,
-    settings: &StreamSettings,
-) -> Result<stream::Info, StreamError> {
-    let mut log = js
-        .get_stream(&settings.name)
-        .await
-        .map_err(|source| StreamError::Get {
-            name: settings.name.clone(),
-            source,
-        })?;
-    log.info()
-        .await
-        .cloned()
-        .map_err(|source| StreamError::Info {
-            name: settings.name.clone(),
-            source,
-        })
 }
 
 /// Watches the log's sources and restarts stalled ones until `shutdown`.

@@ -181,6 +181,27 @@ impl StreamSettings {
     }
 }
 
+/// The log's stream info, read now.
+pub(crate) async fn log_info(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<stream::Info, StreamError> {
+    let mut log = js
+        .get_stream(&settings.name)
+        .await
+        .map_err(|source| StreamError::Get {
+            name: settings.name.clone(),
+            source,
+        })?;
+    log.info()
+        .await
+        .cloned()
+        .map_err(|source| StreamError::Info {
+            name: settings.name.clone(),
+            source,
+        })
+}
+
 /// How long a replica of the log may go unseen by its leader and still
 /// count towards the majority (a healthy one is seen every second or so).
 const REPLICA_SEEN_WITHIN: Duration = Duration::from_secs(5);
@@ -329,18 +350,7 @@ pub async fn ensure_agent_stream(
     // each other's addition, so re-read until the source is there.
     let mut changed = false;
     for _ in 0..5 {
-        let mut log = js
-            .get_stream(&settings.name)
-            .await
-            .map_err(|source| StreamError::Get {
-                name: settings.name.clone(),
-                source,
-            })?;
-        let info = log.info().await.map_err(|source| StreamError::Info {
-            name: settings.name.clone(),
-            source,
-        })?;
-        let mut config = info.config.clone();
+        let mut config = log_info(js, settings).await?.config;
         let sources = config.sources.get_or_insert_with(Vec::new);
         if sources.iter().any(|s| s.name == ingest.name) {
             return Ok(changed);

@@ -195,6 +195,18 @@ impl Cluster {
             .collect()
     }
 
+    /// A JetStream context on the cluster, once an applier created the log.
+    pub async fn log_created(&self) -> jetstream::Context {
+        let admin = jetstream::new(self.client().await);
+        wait_for(
+            "the applier to create the log",
+            Duration::from_secs(60),
+            || async { admin.get_stream("CADDY_FLEET").await.ok().map(|_| ()) },
+        )
+        .await;
+        admin
+    }
+
     pub async fn client(&self) -> async_nats::Client {
         async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
@@ -782,13 +794,7 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
         ..StreamSettings::default()
     };
     let mut applier = ApplierProcess::start(&cluster, &caddy, "chaos");
-    let admin = jetstream::new(cluster.client().await);
-    wait_for(
-        "the applier to create the log",
-        Duration::from_secs(60),
-        || async { admin.get_stream("CADDY_FLEET").await.ok().map(|_| ()) },
-    )
-    .await;
+    let admin = cluster.log_created().await;
     let fleet = Fleet::start(&cluster, &settings, 40, 6).await;
     *fleet.status.lock().unwrap() = Some(applier.status_url());
     wait_for(
