@@ -11,7 +11,8 @@
 //! info every [`SourceWatch::every`] and restarts a source that has
 //! stalled: not heard from (no message, no heartbeat; the server's source
 //! consumer sends one a second) for [`SourceWatch::stall_after`], or with
-//! messages pending (`lag` > 0) and no progress for as long.
+//! messages pending (`lag` > 0) and its lag unchanged for as long (the
+//! server updates it with every message it sources).
 //! [`restart_sources`] removes the stalled sources from the log's
 //! configuration and adds them back: the server then creates a new source
 //! consumer starting after the last message the log holds from that
@@ -134,18 +135,16 @@ impl StallTracker {
                 }
                 None => now - *tracked.unheard_since.get_or_insert(now),
             };
+            // The server updates `lag` with each message it sources, so a
+            // lag that does not change at all is one nothing updates; a
+            // flowing source's lag moves between readings.
             let no_progress_for = match (source.lag, tracked.lagging_since) {
                 (0, _) => {
                     tracked.lagging_since = None;
                     Duration::ZERO
                 }
-                // Progress: the lag went down.
-                (lag, Some((_, then))) if lag < then => {
-                    tracked.lagging_since = Some((now, lag));
-                    Duration::ZERO
-                }
-                (_, Some((since, _))) => now - since,
-                (lag, None) => {
+                (lag, Some((since, then))) if lag == then => now - since,
+                (lag, _) => {
                     tracked.lagging_since = Some((now, lag));
                     Duration::ZERO
                 }
@@ -386,26 +385,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn lag_without_progress_is_a_stall_and_shrinking_lag_is_not() {
+    async fn a_lag_nothing_updates_is_a_stall_and_a_moving_lag_is_not() {
         let mut tracker = StallTracker::new(4 * S);
         let t0 = Instant::now();
         let heard = Some(Duration::from_millis(200));
-        // Shrinking lag: progress, never restarted.
-        for (second, lag) in [9u64, 8, 7, 6, 5, 4, 3, 2].into_iter().enumerate() {
+        // A lag that moves, down or up (a steady flow), is a source being
+        // updated: never restarted.
+        let moving = [9u64, 8, 7, 6, 5, 4, 3, 2, 3, 2, 4, 3, 5, 4, 6];
+        for (second, lag) in moving.into_iter().enumerate() {
             let at = t0 + second as u32 * S;
             assert!(tracker
                 .observe(at, &[source("A", lag, heard), source("B", 0, heard)])
                 .is_empty());
         }
-        // The last progress was at t0 + 7 s; a lag that stays (or grows) is
+        // The last change was at t0 + 14 s; a lag that stays the same is
         // restarted once stall_after has passed since.
-        assert!(tracker
-            .observe(t0 + 9 * S, &[source("A", 2, heard)])
-            .is_empty());
-        assert!(tracker
-            .observe(t0 + 10 * S, &[source("A", 5, heard)])
-            .is_empty());
-        let restart = tracker.observe(t0 + 11 * S, &[source("A", 5, heard)]);
+        for second in 15..18 {
+            assert!(tracker
+                .observe(t0 + second * S, &[source("A", 6, heard)])
+                .is_empty());
+        }
+        let restart = tracker.observe(t0 + 18 * S, &[source("A", 6, heard)]);
         assert_eq!(restart.len(), 1);
         assert_eq!(restart[0].stall, Stall::NoProgress);
     }
