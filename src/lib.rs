@@ -147,20 +147,48 @@ pub async fn run_applier(
     } else {
         None
     };
-    let provisioning = async {
-        match provisioning_client {
-            Some(client) => {
-                caddy_fleet_nats::provision::run(
-                    client,
-                    stream_settings.clone(),
-                    sourced,
-                    |_| true,
-                    caddy_fleet_nats::provision::ProvisionLimits::default(),
-                    std::future::pending(),
+    // The owner's duties beside the applier: provisioning new agents, and
+    // restarting the log's sourcing of an ingest stream that stalled. They
+    // end with the applier (the select! below drops them).
+    let owner_board = board.clone();
+    let owner_duties = async {
+        let Some(client) = provisioning_client else {
+            return std::future::pending().await;
+        };
+        let watching = caddy_fleet_nats::sources::watch(
+            js.clone(),
+            stream_settings.clone(),
+            caddy_fleet_nats::sources::SourceWatch::default(),
+            |restart| {
+                owner_board.stats.log_source_restarted(
+                    &restart.source,
+                    restart.stall.as_str(),
+                    restart.stalled_for,
+                    restart.lag,
                 )
-                .await
+            },
+            |error| owner_board.stats.log_source_watch_failed(error),
+            std::future::pending(),
+        );
+        let provisioning = caddy_fleet_nats::provision::run(
+            client,
+            stream_settings.clone(),
+            sourced,
+            |_| true,
+            caddy_fleet_nats::provision::ProvisionLimits::default(),
+            std::future::pending(),
+        );
+        tokio::pin!(watching, provisioning);
+        tokio::select! {
+            // Provisioning ends only if its subscription does; the watch goes on.
+            result = &mut provisioning => {
+                if let Err(error) = result {
+                    tracing::error!(%error, "New agents can no longer be given ingest streams.");
+                }
+                watching.await;
             }
-            None => std::future::pending().await,
+            // The watch ends only at its shutdown, which never comes.
+            () = &mut watching => {}
         }
     };
     let checkpoints = ObjectStoreCheckpoints::open(&js, &config.name, stream_settings.replicas)
@@ -182,17 +210,12 @@ pub async fn run_applier(
     .await?;
     tracing::info!(applier = %config.name, caddy = %config.caddy_admin_url, resume_after = position.delivered, "Applier attached.");
     let applier = caddy_fleet_applier::run(source, checkpoints, state, config, board, shutdown);
-    tokio::pin!(applier, provisioning);
+    tokio::pin!(applier, owner_duties);
     tokio::select! {
-        // The applier stops on shutdown; provisioning stops with it.
+        // The applier stops on shutdown; the owner's duties stop with it.
         result = &mut applier => result?,
-        // Provisioning only ends if its subscription does; the applier goes on.
-        result = &mut provisioning => {
-            if let Err(error) = result {
-                tracing::error!(%error, "New agents can no longer be given ingest streams.");
-            }
-            applier.await?;
-        }
+        // The owner's duties never end; should they, the applier goes on.
+        () = &mut owner_duties => applier.await?,
     }
     tracing::info!("Applier stopped.");
     Ok(())

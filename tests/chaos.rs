@@ -12,15 +12,25 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_and_nothing_phantom_whatever_fails() {
     let outcomes = chaos_harness::run_all(300, Duration::from_secs(5)).await;
-    // Nothing is lost for good: every scenario ends right. Whether it was
-    // right within 30 s is in each `chaos:` line (lost/phantom), and
-    // `cargo bench --bench chaos` holds the long version to it; a leader
-    // change can hold the log back about that long (see DEVELOPERS.md).
-    for (name, outcome) in &outcomes {
-        assert!(
-            outcome.settled,
-            "{name}: lost={} phantom={} and still wrong 90 s after the scenario",
-            outcome.lost, outcome.phantom
-        );
-    }
+    // Every scenario is right within 30 s of its end: nothing lost, no
+    // phantom route (each `chaos:` line has the figures). After a leader
+    // change the log's owner restarts a stalled source instead of letting
+    // NATS wait 30 s for it (`caddy_fleet_nats::sources`).
+    let wrong: Vec<String> = outcomes
+        .iter()
+        .filter(|(_, outcome)| outcome.lost > 0 || outcome.phantom > 0)
+        .map(|(name, outcome)| {
+            format!(
+                "{name}: lost={} phantom={} 30 s after the scenario ({})",
+                outcome.lost,
+                outcome.phantom,
+                if outcome.settled {
+                    "right later"
+                } else {
+                    "still wrong 90 s after"
+                }
+            )
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("; "));
 }

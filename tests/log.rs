@@ -237,3 +237,217 @@ async fn a_restarted_applier_recovers_its_routes_from_the_stream() {
     publisher.stop().await;
     applier.stop().await;
 }
+
+/// Every message of the log in order: (origin stream, payload).
+async fn log_messages(log: &jetstream::stream::Stream, last: u64) -> Vec<(String, String)> {
+    let mut messages = Vec::new();
+    for seq in 1..=last {
+        let message = log.direct_get(seq).await.expect("read the log");
+        let origin = message
+            .headers
+            .get("Nats-Stream-Source")
+            // `<origin stream> <origin seq> <filter> <transform>`
+            .map(|h| {
+                let mut words = h.as_str().split(' ');
+                let stream = words.next().unwrap_or_default();
+                format!("{stream}:{}", words.next().unwrap_or_default())
+            })
+            .unwrap_or_default();
+        messages.push((
+            origin,
+            String::from_utf8_lossy(&message.payload).to_string(),
+        ));
+    }
+    messages
+}
+
+/// Waits until the log sources `source` again (heard from, nothing pending)
+/// and holds `count` messages; returns them.
+async fn log_settled(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    source: &str,
+    count: u64,
+) -> Vec<(String, String)> {
+    let what = format!("the log to source {count} messages from {source} and catch up");
+    let last = wait_for(&what, Duration::from_secs(60), || async {
+        let mut log = js.get_stream(&settings.name).await.ok()?;
+        let info = log.info().await.ok()?;
+        let sourced = info.sources.iter().find(|s| s.name == source)?;
+        let caught_up =
+            sourced.lag == 0 && sourced.active.is_some_and(|a| a < Duration::from_secs(3));
+        (caught_up && info.state.messages >= count).then_some(info.state.last_sequence)
+    })
+    .await;
+    let log = js.get_stream(&settings.name).await.unwrap();
+    log_messages(&log, last).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_a_source_while_its_agent_publishes_loses_and_repeats_nothing() {
+    let nats = Nats::start().await;
+    let js = jetstream::new(nats.client().await);
+    let settings = StreamSettings::default();
+    ensure_stream(&js, &settings).await.expect("create the log");
+    let agent = AgentId::new("resourced").unwrap();
+    ensure_agent_stream(&js, &settings, &agent).await.unwrap();
+    let ingest = settings.ingest_name(&agent);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let publishing = async {
+        for n in 0..300 {
+            js.publish(format!("fleet.resourced.ctr.c{n}"), n.to_string().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("ack");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let restarting = async {
+        let mut restarts = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) && restarts < 50 {
+            caddy_fleet::nats::sources::restart_sources(
+                &js,
+                &settings,
+                std::slice::from_ref(&ingest),
+            )
+            .await
+            .map_err(|(_, error)| error)
+            .expect("restart the source");
+            restarts += 1;
+        }
+        restarts
+    };
+    let ((), restarts) = tokio::join!(publishing, restarting);
+    assert!(restarts >= 2, "only {restarts} restarts while publishing");
+    let messages = log_settled(&js, &settings, &ingest, 300).await;
+    let expected: Vec<(String, String)> = (0..300)
+        .map(|n| (format!("{ingest}:{}", n + 1), n.to_string()))
+        .collect();
+    assert_eq!(
+        messages.len(),
+        300,
+        "{restarts} restarts; the log holds {} messages",
+        messages.len()
+    );
+    assert_eq!(messages, expected, "{restarts} restarts");
+    println!("sources: {restarts} restarts while 300 messages were published; the log holds each once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alone() {
+    use caddy_fleet::nats::sources::{watch, SourceRestart, SourceWatch, Stall};
+    let nats = Nats::start().await;
+    let js = jetstream::new(nats.client().await);
+    let settings = StreamSettings::default();
+    ensure_stream(&js, &settings).await.expect("create the log");
+    let steady = AgentId::new("steady").unwrap();
+    ensure_agent_stream(&js, &settings, &steady).await.unwrap();
+    // A source whose ingest stream does not exist yet: never heard from.
+    let late = AgentId::new("late").unwrap();
+    let mut log = js.get_stream(&settings.name).await.unwrap();
+    let mut config = log.info().await.unwrap().config.clone();
+    config
+        .sources
+        .get_or_insert_with(Vec::new)
+        .push(settings.source(&late));
+    js.update_stream(config).await.expect("add a source");
+
+    let restarts: std::sync::Mutex<Vec<SourceRestart>> = Default::default();
+    // Counted and logged as the applier does (`run_applier`).
+    let board = caddy_fleet::applier::StatusBoard::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let watching = watch(
+        js.clone(),
+        settings.clone(),
+        SourceWatch {
+            every: Duration::from_millis(200),
+            stall_after: Duration::from_secs(2),
+        },
+        |restart| {
+            board.stats.log_source_restarted(
+                &restart.source,
+                restart.stall.as_str(),
+                restart.stalled_for,
+                restart.lag,
+            );
+            restarts.lock().unwrap().push(restart.clone());
+        },
+        |error| eprintln!("watch: {error}"),
+        async {
+            let _ = stopped.await;
+        },
+    );
+    let checking = async {
+        let steady_publishes = async {
+            for n in 0..20 {
+                js.publish(format!("fleet.steady.ctr.c{n}"), n.to_string().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        };
+        steady_publishes.await;
+        wait_for(
+            "the silent source to be restarted",
+            Duration::from_secs(30),
+            || async {
+                restarts
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r.source == settings.ingest_name(&late) && r.stall == Stall::Silent)
+                    .then_some(())
+            },
+        )
+        .await;
+        js.create_stream(settings.ingest_config(&late))
+            .await
+            .expect("create the late ingest stream");
+        for n in 0..20 {
+            js.publish(format!("fleet.late.ctr.c{n}"), n.to_string().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let messages = log_settled(&js, &settings, &settings.ingest_name(&late), 40).await;
+        let from = |agent: &AgentId| -> Vec<String> {
+            let origin = format!("{}:", settings.ingest_name(agent));
+            messages
+                .iter()
+                .filter(|(o, _)| o.starts_with(&origin))
+                .map(|(_, p)| p.clone())
+                .collect()
+        };
+        let expected: Vec<String> = (0..20).map(|n| n.to_string()).collect();
+        assert_eq!(from(&late), expected);
+        assert_eq!(from(&steady), expected);
+        assert_eq!(messages.len(), 40);
+        // A few seconds more with both sources healthy: nothing restarted.
+        let before = restarts.lock().unwrap().len();
+        // An observation window (nothing to wait for: nothing should happen).
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let restarts = restarts.lock().unwrap().clone();
+        assert!(
+            !restarts
+                .iter()
+                .any(|r| r.source == settings.ingest_name(&steady)),
+            "a healthy source was restarted: {restarts:?}"
+        );
+        assert_eq!(
+            restarts.len(),
+            before,
+            "restarted while healthy: {restarts:?}"
+        );
+        let metrics = board.metrics();
+        let counted = format!(
+            "caddy_fleet_log_source_restarts_total{{reason=\"silent\"}} {}",
+            restarts.len()
+        );
+        assert!(metrics.contains(&counted), "{counted} not in {metrics}");
+        let _ = stop.send(());
+    };
+    let ((), ()) = tokio::join!(watching, checking);
+}

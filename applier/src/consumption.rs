@@ -211,13 +211,20 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                         }
                     }
                 }
+                // NATS down must not hold the loop (or shutdown) for long.
+                let lag = tokio::time::timeout(LAG_TIMEOUT, source.lag()).await.ok().flatten();
+                // Whether the log has a majority (a consumer's answer alone
+                // does not say: a replica can answer without one).
+                let answers = tokio::time::timeout(LAG_TIMEOUT, source.log_answers())
+                    .await
+                    .unwrap_or(false);
+                liveness.looked(answers);
+                stats.log_answered(answers);
                 if liveness.expire(&state, config.agent_ttl, stats) {
                     changed_since.get_or_insert_with(Instant::now);
                     owner.changes.send_modify(|n| *n += 1);
                 }
                 let agents = liveness.views(&state, config.agent_stale_after);
-                // NATS down must not hold the loop (or shutdown) for long.
-                let lag = tokio::time::timeout(LAG_TIMEOUT, source.lag()).await.ok().flatten();
                 board.update(|v| {
                     v.consumer_lag = lag;
                     v.agents = agents;
@@ -265,10 +272,14 @@ const LAG_TIMEOUT: Duration = Duration::from_secs(1);
 /// within 5 s (`docker stop` kills at 10) with NATS down.
 const LAST_CHECKPOINT: Duration = Duration::from_secs(3);
 
-/// When each agent was last heard from, and which are expired.
+/// When each agent was last heard from, and which are expired. Time while
+/// the log does not answer is not silence: an agent cannot be heard then,
+/// so its clock stops (an outage of the log's majority expires nobody).
 struct Liveness {
     heard: HashMap<AgentId, Instant>,
     expired: BTreeSet<AgentId>,
+    /// When the log was last looked at ([`Liveness::looked`]).
+    last_look: Instant,
 }
 
 impl Liveness {
@@ -277,7 +288,21 @@ impl Liveness {
         Liveness {
             heard: state.agents.keys().map(|a| (a.clone(), now)).collect(),
             expired: BTreeSet::new(),
+            last_look: now,
         }
+    }
+
+    /// The log was looked at now and `answered` or not; the time since the
+    /// last look does not count as any agent's silence when it did not.
+    fn looked(&mut self, answered: bool) {
+        let now = Instant::now();
+        if !answered {
+            let outage = now.duration_since(self.last_look);
+            for heard in self.heard.values_mut() {
+                *heard = (*heard + outage).min(now);
+            }
+        }
+        self.last_look = now;
     }
 
     fn heard(&mut self, agent: AgentId) {

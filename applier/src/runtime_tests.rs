@@ -518,6 +518,79 @@ async fn a_silent_agent_expires_after_the_ttl_and_comes_back_when_heard() {
     applier.stop().await;
 }
 
+/// A log that can stop answering (its majority lost), as the applier sees it.
+struct OutageSource {
+    deliveries: mpsc::Receiver<Delivery>,
+    answers: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::source::LogSource for OutageSource {
+    async fn next(&mut self) -> Option<Delivery> {
+        self.deliveries.recv().await
+    }
+
+    async fn lag(&mut self) -> Option<u64> {
+        self.answers
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(0)
+    }
+
+    async fn log_answers(&mut self) -> bool {
+        self.answers.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_of_the_log_expires_no_agent_and_silence_after_it_still_does() {
+    let caddy = FakeCaddy::default();
+    let answers = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (log, deliveries) = mpsc::channel(1024);
+    let source = OutageSource {
+        deliveries,
+        answers: answers.clone(),
+    };
+    let mut applier = Applier::start_on(source, log, &caddy, Saved::default(), |c| {
+        c.agent_ttl = Some(Duration::from_secs(30));
+    });
+    applier.send(&up("quiet", "q", 8080)).await;
+    until(Duration::from_secs(1), || {
+        caddy.last_loaded().contains("q.test")
+    })
+    .await;
+    // The log loses its majority for two TTLs: nothing can be heard.
+    answers.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let expired = |applier: &Applier| {
+        applier
+            .board
+            .view()
+            .agents
+            .iter()
+            .any(|a| a.agent == "quiet" && a.expired)
+    };
+    assert!(!expired(&applier), "expired during the log's outage");
+    let metrics = applier.board.metrics();
+    assert!(metrics.contains("caddy_fleet_log_answers 0"), "{metrics}");
+    assert!(caddy.last_loaded().contains("q.test"));
+    // The log answers again and the agent stays silent: it expires one TTL
+    // of answering log later (within a tick or two), not before.
+    answers.store(true, std::sync::atomic::Ordering::SeqCst);
+    let back = Instant::now();
+    until(Duration::from_secs(40), || {
+        !caddy.last_loaded().contains("q.test")
+    })
+    .await;
+    let silent = back.elapsed();
+    assert!(
+        silent >= Duration::from_secs(20),
+        "expired {silent:?} after the log came back"
+    );
+    assert!(expired(&applier));
+    let metrics = applier.board.metrics();
+    assert!(metrics.contains("caddy_fleet_log_answers 1"), "{metrics}");
+    applier.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_nats_that_never_answers_holds_shutdown_at_most_its_bound() {
     let caddy = FakeCaddy::default();

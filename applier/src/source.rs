@@ -22,6 +22,14 @@ pub trait LogSource {
         async { None }
     }
 
+    /// Whether the log answers now (it has a leader and a majority of its
+    /// nodes). While it does not, no agent can be heard, so silence does
+    /// not count against `AGENT_TTL`. A source that is not a remote log
+    /// always answers.
+    fn log_answers(&mut self) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
+
     /// The log's messages `from..=to`, in order, when the source skipped
     /// them (see [`DurableSource::read_range`]); sources that deliver in
     /// order have none to give.
@@ -46,6 +54,10 @@ impl LogSource for DurableSource {
 
     async fn log_end(&mut self) -> Option<u64> {
         DurableSource::log_end(self).await.ok()
+    }
+
+    async fn log_answers(&mut self) -> bool {
+        self.log_has_majority().await.unwrap_or(false)
     }
 
     async fn read_range(&mut self, from: u64, to: u64) -> Result<Vec<Delivery>, ConsumeError> {

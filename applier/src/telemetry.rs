@@ -52,6 +52,8 @@ pub(crate) struct Metrics {
     pub push_duration: Histogram,
     pub change_to_pushed: Histogram,
     pub checkpoints: Counter,
+    pub source_restarts: Family<Reason, Counter>,
+    pub log_answers: Gauge,
     pub rejected_containers: Gauge,
     pub refused_containers: Family<By, Gauge>,
     pub consumer_lag: Gauge,
@@ -79,6 +81,8 @@ impl Default for Metrics {
             push_duration: seconds(),
             change_to_pushed: seconds(),
             checkpoints: Counter::default(),
+            source_restarts: Family::default(),
+            log_answers: Gauge::default(),
             rejected_containers: Gauge::default(),
             refused_containers: Family::default(),
             consumer_lag: Gauge::default(),
@@ -125,6 +129,18 @@ impl Default for Metrics {
             "checkpoints",
             "Checkpoints written",
             metrics.checkpoints.clone(),
+        );
+        // Answering until a look says otherwise.
+        metrics.log_answers.set(1);
+        registry.register(
+            "log_answers",
+            "1 while the log answers (it has a leader: a majority of its NATS nodes), 0 while it does not",
+            metrics.log_answers.clone(),
+        );
+        registry.register(
+            "log_source_restarts",
+            "Restarts of the log's sourcing of an ingest stream that stalled (log owner only), by why it was called stalled",
+            metrics.source_restarts.clone(),
         );
         registry.register(
             "rejected_containers",
@@ -453,6 +469,35 @@ impl Stats {
 
     pub(crate) fn agent_expired(&self, agent: &str, silent: Duration) {
         tracing::warn!(%agent, silent_secs = silent.as_secs(), "Agent silent longer than AGENT_TTL: its routes are removed until it is heard again.");
+    }
+
+    /// The log's owner restarted its sourcing of `source` (an agent's
+    /// ingest stream), which had stalled (`stall`) for `stalled_for` with
+    /// `lag` messages pending.
+    pub fn log_source_restarted(&self, source: &str, stall: &str, stalled_for: Duration, lag: u64) {
+        self.metrics
+            .source_restarts
+            .get_or_create(&Reason {
+                reason: stall.to_string(),
+            })
+            .inc();
+        tracing::warn!(source, stall, stalled_for_ms = stalled_for.as_millis() as u64, lag,
+            "The log's sourcing of an ingest stream stalled (a leader change or partition?); restarted it, resuming after what the log holds.");
+    }
+
+    /// The log was looked at and answered or not (each consumption tick).
+    pub(crate) fn log_answered(&self, answers: bool) {
+        let before = self.metrics.log_answers.set(i64::from(answers));
+        if before == 1 && !answers {
+            tracing::warn!("The log does not answer (no majority of its NATS nodes, or none reachable): Caddy keeps serving what it runs, and agents' silence does not count against AGENT_TTL until it answers again.");
+        } else if before == 0 && answers {
+            tracing::info!("The log answers again.");
+        }
+    }
+
+    /// The log's owner could not read or update the log to watch its sources.
+    pub fn log_source_watch_failed(&self, error: &dyn std::fmt::Display) {
+        tracing::warn!(%error, "Cannot watch the log's sources now (no log leader?); trying again.");
     }
 
     pub(crate) fn agent_back(&self, agent: &str) {

@@ -174,6 +174,11 @@ impl DurableSource {
         Ok(self.stream.get_info().await?.state.last_sequence)
     }
 
+    /// Whether the log has a majority now (see [`crate::stream::has_majority`]).
+    pub async fn log_has_majority(&self) -> Result<bool, ConsumeError> {
+        Ok(crate::stream::has_majority(&self.stream.get_info().await?))
+    }
+
     /// The messages `from..=to` of the stream, in order, read past the
     /// durable consumer. A durable consumer does not promise order across
     /// a change of its leader: it can deliver a later message before

@@ -6,6 +6,8 @@
 //!   settings the design requires (rollup, delete and purge denied) and of
 //!   each agent's bounded ingest stream, which the log sources.
 //! - [`provision`]: creates an agent's ingest stream when it is first heard.
+//! - [`sources`]: the log's owner restarts the sourcing of an ingest stream
+//!   that stalled (after a leader change or a partition).
 //! - [`publish`]: [`publish::EventPublisher`], publish-with-ack that retries
 //!   with the same `Nats-Msg-Id`, so a retry after a lost ack is deduplicated.
 //! - [`consume`]: [`consume::DurableSource`], a durable pull consumer whose
@@ -17,6 +19,7 @@ pub mod consume;
 pub mod provision;
 pub mod publish;
 pub mod retry;
+pub mod sources;
 pub mod stream;
 
 pub use async_nats;

@@ -54,6 +54,10 @@ impl RetryPolicy {
     /// NATS operations (publishing, consuming, checkpoints, reconnects).
     pub const NATS: RetryPolicy =
         RetryPolicy::new(Duration::from_millis(100), Duration::from_secs(5));
+    /// Restarting the log's sourcing of an ingest stream that stays
+    /// stalled ([`crate::sources`]): a restart is given seconds to work.
+    pub const SOURCE_RESTART: RetryPolicy =
+        RetryPolicy::new(Duration::from_secs(5), Duration::from_secs(60));
     /// The Docker event stream: the engine restarting takes a while.
     pub const DOCKER: RetryPolicy =
         RetryPolicy::new(Duration::from_millis(250), Duration::from_secs(30));

@@ -181,6 +181,52 @@ impl StreamSettings {
     }
 }
 
+/// The log's stream info, read now.
+pub(crate) async fn log_info(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<stream::Info, StreamError> {
+    let mut log = js
+        .get_stream(&settings.name)
+        .await
+        .map_err(|source| StreamError::Get {
+            name: settings.name.clone(),
+            source,
+        })?;
+    log.info()
+        .await
+        .cloned()
+        .map_err(|source| StreamError::Info {
+            name: settings.name.clone(),
+            source,
+        })
+}
+
+/// How long a replica of the log may go unseen by its leader and still
+/// count towards the majority (a healthy one is seen every second or so).
+const REPLICA_SEEN_WITHIN: Duration = Duration::from_secs(5);
+
+/// Whether a stream's info shows a majority: a leader, and with it more
+/// than half of the replicas seen lately. A stream without cluster info
+/// (a single server) answering at all has one. A replica can answer
+/// info while its group has no leader, and a leader that lost its peers
+/// keeps leading for a few seconds, so an answer alone says neither.
+pub fn has_majority(info: &stream::Info) -> bool {
+    let Some(cluster) = &info.cluster else {
+        return true;
+    };
+    if cluster.leader.as_deref().is_none_or(str::is_empty) {
+        return false;
+    }
+    let seen = cluster
+        .replicas
+        .iter()
+        .filter(|peer| !peer.offline && peer.active < REPLICA_SEEN_WITHIN)
+        .count();
+    // The leader and the peers it has seen, out of all of them.
+    2 * (1 + seen) > 1 + cluster.replicas.len()
+}
+
 /// A duration in whole seconds, as `STREAM_MAX_AGE` takes it.
 fn humantime_secs(duration: Duration) -> String {
     format!("{}s", duration.as_secs())
@@ -304,18 +350,7 @@ pub async fn ensure_agent_stream(
     // each other's addition, so re-read until the source is there.
     let mut changed = false;
     for _ in 0..5 {
-        let mut log = js
-            .get_stream(&settings.name)
-            .await
-            .map_err(|source| StreamError::Get {
-                name: settings.name.clone(),
-                source,
-            })?;
-        let info = log.info().await.map_err(|source| StreamError::Info {
-            name: settings.name.clone(),
-            source,
-        })?;
-        let mut config = info.config.clone();
+        let mut config = log_info(js, settings).await?.config;
         let sources = config.sources.get_or_insert_with(Vec::new);
         if sources.iter().any(|s| s.name == ingest.name) {
             return Ok(changed);
@@ -351,6 +386,36 @@ mod tests {
         assert!(log.subjects.is_empty());
         assert_eq!(settings.sourced_agents(&log), [agent]);
         assert!(log.deny_purge && log.deny_delete && !log.allow_rollup);
+    }
+
+    #[test]
+    fn a_majority_is_a_leader_and_enough_replicas_seen_lately() {
+        let info = |leader: Option<&str>, replicas: &[(bool, u64)]| -> stream::Info {
+            let peers: Vec<_> = replicas
+                .iter()
+                .enumerate()
+                .map(|(n, (offline, active_s))| {
+                    serde_json::json!({
+                        "name": format!("n{n}"), "current": !offline,
+                        "active": active_s * 1_000_000_000, "offline": offline,
+                    })
+                })
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "config": serde_json::to_value(StreamSettings::default().to_config(Vec::new())).unwrap(),
+                "created": "2026-01-01T00:00:00Z",
+                "state": {"messages": 0, "bytes": 0, "first_seq": 0, "first_ts": "2026-01-01T00:00:00Z",
+                          "last_seq": 0, "last_ts": "2026-01-01T00:00:00Z", "consumer_count": 0},
+                "cluster": {"name": "c", "leader": leader, "replicas": peers},
+            }))
+            .expect("a stream info")
+        };
+        assert!(has_majority(&info(Some("n"), &[(false, 0), (false, 1)])));
+        assert!(has_majority(&info(Some("n"), &[(false, 0), (true, 30)])));
+        assert!(!has_majority(&info(Some("n"), &[(true, 30), (true, 30)])));
+        assert!(!has_majority(&info(Some("n"), &[(false, 9), (false, 9)])));
+        assert!(!has_majority(&info(None, &[(false, 0), (false, 0)])));
+        assert!(has_majority(&info(Some("n"), &[])));
     }
 
     #[test]

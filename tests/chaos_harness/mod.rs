@@ -195,6 +195,18 @@ impl Cluster {
             .collect()
     }
 
+    /// A JetStream context on the cluster, once an applier created the log.
+    pub async fn log_created(&self) -> jetstream::Context {
+        let admin = jetstream::new(self.client().await);
+        wait_for(
+            "the applier to create the log",
+            Duration::from_secs(60),
+            || async { admin.get_stream("CADDY_FLEET").await.ok().map(|_| ()) },
+        )
+        .await;
+        admin
+    }
+
     pub async fn client(&self) -> async_nats::Client {
         async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
@@ -530,6 +542,21 @@ impl Fleet {
         wrong
     }
 
+    /// A heartbeat from every agent (a publisher sends one now and then).
+    pub async fn heartbeat(&self) {
+        for (sink, agent) in self.sinks.iter().zip(&self.agents) {
+            let beat = Event::Heartbeat(caddy_fleet::schema::Heartbeat {
+                agent: agent.clone(),
+                sent_at_ms: 0,
+            });
+            sink.lock()
+                .await
+                .publish(&beat)
+                .await
+                .expect("hand over to the outbox");
+        }
+    }
+
     /// Messages each agent's outbox still holds.
     pub fn unsent(&self) -> Vec<usize> {
         self.outboxes.iter().map(|o| o.len()).collect()
@@ -559,10 +586,22 @@ impl Fleet {
 pub struct ApplierProcess {
     child: Option<Child>,
     args: Vec<(String, String)>,
+    /// Every run's stderr, appended.
+    log: std::path::PathBuf,
 }
 
 impl ApplierProcess {
     pub fn start(cluster: &Cluster, caddy: &Caddy, name: &str) -> ApplierProcess {
+        ApplierProcess::start_with(cluster, caddy, name, &[])
+    }
+
+    /// [`ApplierProcess::start`] with more settings (`KEY`, value).
+    pub fn start_with(
+        cluster: &Cluster,
+        caddy: &Caddy,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> ApplierProcess {
         let dir = std::env::temp_dir().join(format!("caddy-fleet-chaos-{}", unique()));
         std::fs::create_dir_all(&dir).unwrap();
         let base = dir.join("Caddyfile");
@@ -585,7 +624,15 @@ impl ApplierProcess {
             ),
             ("RUST_LOG".to_string(), "warn".to_string()),
         ];
-        let mut applier = ApplierProcess { child: None, args };
+        let args = args
+            .into_iter()
+            .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
+        let mut applier = ApplierProcess {
+            child: None,
+            args,
+            log: dir.join("applier.log"),
+        };
         applier.spawn();
         applier
     }
@@ -603,14 +650,27 @@ impl ApplierProcess {
 
     fn spawn(&mut self) {
         let mut command = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the applier's log");
+        let errors = log.try_clone().expect("share the applier's log");
         command
             .arg("applier")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(errors));
         for (k, v) in &self.args {
             command.env(k, v);
         }
         self.child = Some(command.spawn().expect("start caddy-fleet applier"));
+    }
+
+    /// How many lines of the applier's log (every run) contain `text`.
+    pub fn log_lines(&self, text: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .map(|log| log.lines().filter(|l| l.contains(text)).count())
+            .unwrap_or(0)
     }
 
     /// SIGKILL, then a new process with the same settings.
@@ -715,6 +775,17 @@ pub async fn scenario<F: std::future::Future<Output = usize>>(
     }
 }
 
+/// What the applier logs when it restarts a stalled source of the log.
+const SOURCE_RESTARTED: &str = "sourcing of an ingest stream stalled";
+
+/// Prints how many stalled sources the applier restarted during scenario
+/// `name` (its log lines since `before`); returns the count so far.
+fn report_source_restarts(name: &str, applier: &ApplierProcess, before: usize) -> usize {
+    let now = applier.log_lines(SOURCE_RESTARTED);
+    println!("chaos: {name} source_restarts={}", now - before);
+    now
+}
+
 /// Every scenario, each with `events` changes; returns the outcomes by name.
 pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str, Outcome> {
     let (cluster, caddy) = tokio::join!(Cluster::start(), Caddy::start());
@@ -723,13 +794,7 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
         ..StreamSettings::default()
     };
     let mut applier = ApplierProcess::start(&cluster, &caddy, "chaos");
-    let admin = jetstream::new(cluster.client().await);
-    wait_for(
-        "the applier to create the log",
-        Duration::from_secs(60),
-        || async { admin.get_stream("CADDY_FLEET").await.ok().map(|_| ()) },
-    )
-    .await;
+    let admin = cluster.log_created().await;
     let fleet = Fleet::start(&cluster, &settings, 40, 6).await;
     *fleet.status.lock().unwrap() = Some(applier.status_url());
     wait_for(
@@ -739,12 +804,14 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
     )
     .await;
     let mut outcomes = BTreeMap::new();
+    let mut restarts_since = 0;
     let pause = Duration::from_millis(15);
     // Churn alone, for comparison.
     outcomes.insert(
         "baseline",
         scenario("baseline", &fleet, &caddy, events / 3, pause, async { 0 }).await,
     );
+    restarts_since = report_source_restarts("baseline", &applier, restarts_since);
 
     let kill_leader = async {
         let mut kills = 0;
@@ -771,6 +838,7 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
         "leader_killed",
         scenario("leader_killed", &fleet, &caddy, events, pause, kill_leader).await,
     );
+    restarts_since = report_source_restarts("leader_killed", &applier, restarts_since);
 
     let partition = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -784,6 +852,7 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
         "node_partitioned",
         scenario("node_partitioned", &fleet, &caddy, events, pause, partition).await,
     );
+    restarts_since = report_source_restarts("node_partitioned", &applier, restarts_since);
 
     let applier_kills = async {
         for _ in 0..5 {
@@ -804,6 +873,7 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
         )
         .await,
     );
+    restarts_since = report_source_restarts("applier_sigkill", &applier, restarts_since);
 
     let cut = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -816,6 +886,7 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
         "publisher_cut",
         scenario("publisher_cut", &fleet, &caddy, events, pause, cut).await,
     );
+    restarts_since = report_source_restarts("publisher_cut", &applier, restarts_since);
 
     let restart_caddy = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -834,6 +905,7 @@ pub async fn run_all(events: usize, cut_for: Duration) -> BTreeMap<&'static str,
         )
         .await,
     );
+    report_source_restarts("caddy_restarted", &applier, restarts_since);
     drop(applier);
     outcomes
 }
