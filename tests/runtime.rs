@@ -18,23 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// A WebSocket echo server on loopback; returns its port.
 async fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(message)) = ws.next().await {
-                    if message.is_text() && ws.send(message).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    port
+    websocket_server(str::to_string).await
 }
 
 type Socket = tokio_tungstenite::WebSocketStream<TcpStream>;

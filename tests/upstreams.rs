@@ -19,32 +19,13 @@ use caddy_fleet::schema::routes::UpstreamsMode;
 use caddy_fleet::schema::{AgentId, ContainerDown, ContainerState, Event};
 use futures::{SinkExt, StreamExt};
 use support::*;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A WebSocket server on loopback answering each text with `<name>:<text>`;
 /// returns its port.
 async fn named_echo(name: &'static str) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(message)) = ws.next().await {
-                    if let Message::Text(text) = message {
-                        let answer = Message::text(format!("{name}:{}", text.as_str()));
-                        if ws.send(answer).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    port
+    websocket_server(move |text| format!("{name}:{text}")).await
 }
 
 type Socket = tokio_tungstenite::WebSocketStream<TcpStream>;

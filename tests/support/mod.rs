@@ -458,6 +458,37 @@ pub fn start_applier_on(
     (running, board)
 }
 
+/// A WebSocket server on loopback answering each text message with
+/// `reply(text)`; returns its port.
+pub async fn websocket_server(
+    reply: impl Fn(&str) -> String + Clone + Send + Sync + 'static,
+) -> u16 {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let port = listener.local_addr().expect("its address").port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if let Message::Text(text) = message {
+                        if ws.send(Message::text(reply(text.as_str()))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
 /// Dynamic upstreams as the settings' defaults have them, answered on any
 /// free loopback port (the applier tells Caddy the one it bound).
 pub fn dynamic_upstreams() -> caddy_fleet::schema::dynamic::DynamicUpstreams {
