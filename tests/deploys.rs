@@ -24,6 +24,12 @@ use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 /// What the test is doing, for the failures to say when they happened.
 static PHASE: Mutex<String> = Mutex::new(String::new());
 
+/// The tests here each put a steady load through Caddy and time a drain
+/// against a withdrawal: they run one at a time, so that no test's load
+/// slows another's withdrawal past its drain (the harness runs a binary's
+/// tests in parallel).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn phase(what: String) {
     *PHASE.lock().unwrap() = what;
 }
@@ -176,6 +182,7 @@ enum Upstreams {
 }
 
 async fn rolling_replacement(mode: Upstreams) {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let id = unique();
     let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
     let (applier, _) = start_applier_with(&nats, &caddy, "deploys", |config| {
@@ -255,6 +262,7 @@ async fn the_applier_killed_under_load_with_dynamic_upstreams_fails_no_request()
 }
 
 async fn applier_killed_under_load(mode: Upstreams) {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let id = unique();
     // The DNS address stays the same across restarts, as a deployment's
     // UPSTREAM_DNS_LISTEN does: Caddy's config names it.
