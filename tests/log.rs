@@ -357,13 +357,14 @@ async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alon
     // Counted and logged as the applier does (`run_applier`).
     let board = caddy_fleet::applier::StatusBoard::default();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let pace = SourceWatch {
+        every: Duration::from_millis(200),
+        stall_after: Duration::from_secs(2),
+    };
     let watching = watch(
         js.clone(),
         settings.clone(),
-        SourceWatch {
-            every: Duration::from_millis(200),
-            stall_after: Duration::from_secs(2),
-        },
+        pace,
         |restart| {
             board.stats.log_source_restarted(
                 &restart.source,
@@ -427,8 +428,9 @@ async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alon
         assert_eq!(messages.len(), 40);
         // A few seconds more with both sources healthy: nothing restarted.
         let before = restarts.lock().unwrap().len();
-        // An observation window (nothing to wait for: nothing should happen).
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // The condition is time itself: a healthy source must outlast more
+        // than two stall windows and the passes that would notice them.
+        tokio::time::sleep(2 * pace.stall_after + 5 * pace.every).await;
         let restarts = restarts.lock().unwrap().clone();
         assert!(
             !restarts
