@@ -453,3 +453,107 @@ async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alon
     };
     let ((), ()) = tokio::join!(watching, checking);
 }
+
+/// Owners and server-mode publishers starting together: each creates the
+/// log if it is missing and adds its agent's source. Nobody's creation or
+/// addition may drop another's source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_together_no_writer_drops_another_agents_source() {
+    let nats = Nats::start().await;
+    let js = jetstream::new(nats.client().await);
+    let settings = StreamSettings::default();
+    let agents: Vec<AgentId> = (0..8)
+        .map(|n| AgentId::new(format!("together-{n}")).unwrap())
+        .collect();
+    let starts = agents.iter().map(|agent| {
+        let (js, settings) = (js.clone(), settings.clone());
+        async move {
+            ensure_stream(&js, &settings).await.expect("ensure the log");
+            ensure_agent_stream(&js, &settings, agent)
+                .await
+                .expect("ensure the agent's stream");
+        }
+    });
+    // An owning applier starting at the same moment, twice.
+    let owner = async {
+        for _ in 0..2 {
+            ensure_stream(&js, &settings)
+                .await
+                .expect("the owner ensures the log");
+        }
+    };
+    tokio::join!(futures::future::join_all(starts), owner);
+    let mut log = js.get_stream(&settings.name).await.unwrap();
+    let mut sourced = settings.sourced_agents(&log.info().await.unwrap().config);
+    sourced.sort();
+    let mut expected = agents.clone();
+    expected.sort();
+    assert_eq!(sourced, expected, "sources lost while starting together");
+}
+
+/// A source entry lost to a concurrent update of the log (simulated by
+/// writing the log's configuration without it) comes back through the
+/// owner's watch, and the agent's facts reach the log once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_adds_back_an_ingest_stream_the_log_lost() {
+    use caddy_fleet::nats::sources::{watch, SourceWatch, Stall};
+    let nats = Nats::start().await;
+    let js = jetstream::new(nats.client().await);
+    let settings = StreamSettings::default();
+    ensure_stream(&js, &settings).await.expect("create the log");
+    let agent = AgentId::new("dropped").unwrap();
+    ensure_agent_stream(&js, &settings, &agent).await.unwrap();
+    let ingest = settings.ingest_name(&agent);
+    for n in 0..10 {
+        js.publish(format!("fleet.dropped.ctr.c{n}"), n.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    log_settled(&js, &settings, &ingest, 10).await;
+    // Another writer's read-change-write drops the source.
+    let mut log = js.get_stream(&settings.name).await.unwrap();
+    let mut config = log.info().await.unwrap().config.clone();
+    config.sources = Some(Vec::new());
+    js.update_stream(config).await.expect("drop the source");
+    for n in 10..20 {
+        js.publish(format!("fleet.dropped.ctr.c{n}"), n.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let added_back = std::sync::Mutex::new(Vec::new());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let watching = watch(
+        js.clone(),
+        settings.clone(),
+        SourceWatch {
+            every: Duration::from_millis(200),
+            stall_after: Duration::from_secs(2),
+        },
+        |restart| added_back.lock().unwrap().push(restart.clone()),
+        |error| eprintln!("watch: {error}"),
+        async {
+            let _ = stopped.await;
+        },
+    );
+    let checking = async {
+        let messages = log_settled(&js, &settings, &ingest, 20).await;
+        let expected: Vec<(String, String)> = (0..20)
+            .map(|n| (format!("{ingest}:{}", n + 1), n.to_string()))
+            .collect();
+        assert_eq!(messages, expected, "each fact in the log once, in order");
+        let restarts = added_back.lock().unwrap().clone();
+        assert!(
+            restarts
+                .iter()
+                .any(|r| r.source == ingest && r.stall == Stall::Unsourced),
+            "not reported as unsourced: {restarts:?}"
+        );
+        let _ = stop.send(());
+    };
+    let ((), ()) = tokio::join!(watching, checking);
+}

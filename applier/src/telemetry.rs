@@ -482,7 +482,7 @@ impl Stats {
             })
             .inc();
         tracing::warn!(source, stall, stalled_for_ms = stalled_for.as_millis() as u64, lag,
-            "The log's sourcing of an ingest stream stalled (a leader change or partition?); restarted it, resuming after what the log holds.");
+            "The log's sourcing of an ingest stream had stopped (silent or no_progress: a leader change or partition? unsourced: its source entry lost to another writer of the log's configuration); restarted it, resuming after what the log holds.");
     }
 
     /// The log was looked at and answered or not (each consumption tick).

@@ -22,6 +22,17 @@
 //! [`RetryPolicy::SOURCE_RESTART`] delay, a source removed but not yet
 //! added back is added back before anything else, and nothing is restarted
 //! while the log has no majority ([`crate::stream::has_majority`]).
+//!
+//! Promise: every agent's ingest stream is sourced by the log. Several
+//! writers change the log's source list by reading it, changing it and
+//! writing it whole (the owner at start, provisioning, this watch, and a
+//! server-mode publisher), and JetStream has no compare-and-set for a
+//! stream's configuration, so one write can drop a source another just
+//! added. The watch lists the ingest streams too, and adds back one that
+//! the log has not sourced for two readings in a row ([`unsourced`]; one
+//! reading could be the moment between a stream's creation and its
+//! source's addition). The log then sources it from its first message
+//! not in the log yet, as after a restart.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,7 +42,7 @@ use async_nats::jetstream::{self, stream};
 use tokio::time::Instant;
 
 use crate::retry::{Retry, RetryPolicy};
-use crate::stream::{log_info, StreamError, StreamSettings};
+use crate::stream::{log_info, StreamError, StreamSettings, LOG_CONFIG_WRITES};
 
 /// How the watch reads the log and when it calls a source stalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +70,8 @@ pub enum Stall {
     Silent,
     /// Messages pending at the ingest stream and none arriving.
     NoProgress,
+    /// An ingest stream the log did not source at all.
+    Unsourced,
 }
 
 impl Stall {
@@ -67,6 +80,7 @@ impl Stall {
         match self {
             Stall::Silent => "silent",
             Stall::NoProgress => "no_progress",
+            Stall::Unsourced => "unsourced",
         }
     }
 }
@@ -190,32 +204,36 @@ pub async fn restart_sources(
     settings: &StreamSettings,
     names: &[String],
 ) -> Result<(), (Vec<stream::Source>, StreamError)> {
-    let config = log_config(js, settings)
+    let removed = {
+        let _writing = LOG_CONFIG_WRITES.lock().await;
+        let config = log_config(js, settings)
+            .await
+            .map_err(|e| (Vec::new(), e))?;
+        let (removed, kept): (Vec<_>, Vec<_>) = config
+            .sources
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .partition(|s| names.contains(&s.name));
+        if removed.is_empty() {
+            return Ok(());
+        }
+        js.update_stream(stream::Config {
+            sources: Some(kept),
+            ..config
+        })
         .await
-        .map_err(|e| (Vec::new(), e))?;
-    let (removed, kept): (Vec<_>, Vec<_>) = config
-        .sources
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .partition(|s| names.contains(&s.name));
-    if removed.is_empty() {
-        return Ok(());
-    }
-    js.update_stream(stream::Config {
-        sources: Some(kept),
-        ..config
-    })
-    .await
-    .map_err(|source| {
-        (
-            Vec::new(),
-            StreamError::Update {
-                name: settings.name.clone(),
-                source,
-            },
-        )
-    })?;
+        .map_err(|source| {
+            (
+                Vec::new(),
+                StreamError::Update {
+                    name: settings.name.clone(),
+                    source,
+                },
+            )
+        })?;
+        removed
+    };
     add_back(js, settings, &removed)
         .await
         .map_err(|error| (removed, error))
@@ -232,6 +250,7 @@ pub async fn add_back(
         .start();
     loop {
         let attempt = async {
+            let _writing = LOG_CONFIG_WRITES.lock().await;
             let mut config = log_config(js, settings).await?;
             let current = config.sources.get_or_insert_with(Vec::new);
             let missing: Vec<_> = sources
@@ -262,6 +281,33 @@ pub async fn add_back(
     }
 }
 
+/// The source entries of the ingest streams among `streams` (stream names)
+/// that the log's `config` does not source.
+pub fn unsourced(
+    settings: &StreamSettings,
+    streams: &[String],
+    config: &stream::Config,
+) -> Vec<stream::Source> {
+    let prefix = format!("{}_IN_", settings.name);
+    let sourced = config.sources.as_deref().unwrap_or_default();
+    streams
+        .iter()
+        .filter(|name| !sourced.iter().any(|s| &&s.name == name))
+        .filter_map(|name| name.strip_prefix(&prefix))
+        .filter_map(|agent| caddy_fleet_schema::AgentId::new(agent).ok())
+        .map(|agent| settings.source(&agent))
+        .collect()
+}
+
+/// The names of the streams on the server.
+async fn stream_names(js: &jetstream::Context) -> Result<Vec<String>, StreamError> {
+    use futures::TryStreamExt;
+    js.stream_names()
+        .try_collect()
+        .await
+        .map_err(|source| StreamError::List { source })
+}
+
 async fn log_config(
     js: &jetstream::Context,
     settings: &StreamSettings,
@@ -283,6 +329,8 @@ pub async fn watch(
     let mut tracker = StallTracker::new(config.stall_after);
     // Sources removed and not added back yet: restored first.
     let mut removed: Vec<stream::Source> = Vec::new();
+    // Ingest streams the previous reading found unsourced.
+    let mut unsourced_before: Vec<String> = Vec::new();
     let mut errors = RetryPolicy::NATS.start();
     tokio::pin!(shutdown);
     loop {
@@ -296,6 +344,27 @@ pub async fn watch(
             // updated: nothing to restart until it has one again.
             if !crate::stream::has_majority(&info) {
                 return Ok(());
+            }
+            // Unsourced at two readings in a row: added back.
+            let streams = stream_names(&js).await?;
+            let unsourced_now = unsourced(&settings, &streams, &info.config);
+            let lost: Vec<stream::Source> = unsourced_now
+                .iter()
+                .filter(|s| unsourced_before.contains(&s.name))
+                .cloned()
+                .collect();
+            unsourced_before = unsourced_now.into_iter().map(|s| s.name).collect();
+            if !lost.is_empty() {
+                add_back(&js, &settings, &lost).await?;
+                for source in &lost {
+                    restarted(&SourceRestart {
+                        source: source.name.clone(),
+                        stall: Stall::Unsourced,
+                        stalled_for: config.every,
+                        lag: 0,
+                    });
+                }
+                unsourced_before.clear();
             }
             let stalled = tracker.observe(Instant::now(), &info.sources);
             if stalled.is_empty() {
@@ -348,6 +417,23 @@ mod tests {
     }
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn unsourced_are_the_ingest_streams_the_log_lacks() {
+        let settings = StreamSettings::default();
+        let agent = |a: &str| caddy_fleet_schema::AgentId::new(a).unwrap();
+        let config = settings.to_config(vec![settings.source(&agent("web-1"))]);
+        let streams: Vec<String> = [
+            settings.ingest_name(&agent("web-1")),
+            settings.ingest_name(&agent("web-2")),
+            settings.name.clone(),
+            "OTHER_STREAM".to_string(),
+            format!("{}_IN_bad.agent", settings.name),
+        ]
+        .into();
+        let missing = unsourced(&settings, &streams, &config);
+        assert_eq!(missing, vec![settings.source(&agent("web-2"))]);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_source_is_restarted_and_not_again_at_once() {

@@ -257,12 +257,24 @@ pub enum StreamError {
         name: String,
         source: jetstream::context::RequestError,
     },
+    #[error("cannot list the streams on NATS: {source}")]
+    List {
+        source: jetstream::context::StreamsError,
+    },
     #[error("cannot update stream {name}: {source}")]
     Update {
         name: String,
         source: jetstream::context::UpdateStreamError,
     },
 }
+
+/// Held by every read-change-write of the log's configuration in this
+/// process (the owner's start, provisioning, the source watch): JetStream
+/// replaces a stream's configuration whole and has no compare-and-set, so
+/// two writers interleaving would drop each other's added sources. A
+/// writer in another process is the source watch's business
+/// ([`crate::sources`] adds back an ingest stream the log lost).
+pub(crate) static LOG_CONFIG_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The owner ([`StreamSettings::owner`]) creates the log, or brings an
 /// existing one to `settings`, keeping the sources it has; safe at every
@@ -275,6 +287,24 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<stream::Stream, StreamError> {
+    // Created by someone else between our reading and our creating it
+    // (a server-mode publisher starting beside its applier): read again.
+    for _ in 0..5 {
+        if let Some(stream) = try_ensure_stream(js, settings).await? {
+            return Ok(stream);
+        }
+    }
+    Err(StreamError::Missing {
+        name: settings.name.clone(),
+    })
+}
+
+/// One attempt of [`ensure_stream`]; `None` if the log appeared meanwhile.
+async fn try_ensure_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<Option<stream::Stream>, StreamError> {
+    let _writing = LOG_CONFIG_WRITES.lock().await;
     let sources = match js.get_stream(&settings.name).await {
         Ok(mut existing) => {
             let info = existing.info().await.map_err(|source| StreamError::Info {
@@ -287,7 +317,7 @@ pub async fn ensure_stream(
             // Nothing to change: write nothing. A write replaces the whole
             // source list, so it could undo an agent added meanwhile.
             if differences.is_empty() {
-                return Ok(existing);
+                return Ok(Some(existing));
             }
             if !settings.owner {
                 return Err(StreamError::Mismatch {
@@ -315,16 +345,36 @@ pub async fn ensure_stream(
                 source,
             })
         }
-        Err(_) => Vec::new(),
+        // Not there: created, never updated. An update would replace the
+        // sources of a log someone else created meanwhile with none.
+        Err(_) => {
+            return match js.create_stream(settings.to_config(Vec::new())).await {
+                Ok(stream) => Ok(Some(stream)),
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        jetstream::context::CreateStreamErrorKind::JetStream(ref e)
+                            if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(source) => Err(StreamError::CreateOrUpdate {
+                    name: settings.name.clone(),
+                    source,
+                }),
+            };
+        }
     };
-    js.create_or_update_stream(settings.to_config(sources))
+    js.update_stream(settings.to_config(sources))
         .await
-        .map_err(|source| StreamError::CreateOrUpdate {
+        .map_err(|source| StreamError::Update {
             name: settings.name.clone(),
             source,
         })?;
     js.get_stream(&settings.name)
         .await
+        .map(Some)
         .map_err(|source| StreamError::Get {
             name: settings.name.clone(),
             source,
@@ -346,10 +396,11 @@ pub async fn ensure_agent_stream(
             name: ingest.name.clone(),
             source,
         })?;
-    // Read, add, write: two appliers adding agents at once can overwrite
-    // each other's addition, so re-read until the source is there.
+    // Read, add, write; a writer in another process can overwrite the
+    // addition, so re-read until the source is there.
     let mut changed = false;
     for _ in 0..5 {
+        let _writing = LOG_CONFIG_WRITES.lock().await;
         let mut config = log_info(js, settings).await?.config;
         let sources = config.sources.get_or_insert_with(Vec::new);
         if sources.iter().any(|s| s.name == ingest.name) {

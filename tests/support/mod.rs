@@ -75,6 +75,20 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
+/// With `RUST_LOG` set, the in-process components' logs go to the test's
+/// output (shown for a failing test): what to read when a wait timed out.
+pub fn init_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
 where
@@ -329,6 +343,7 @@ impl Running {
     where
         F: Future<Output = Result<(), caddy_fleet::FleetError>> + Send + 'static,
     {
+        init_logs();
         let (tx, rx) = oneshot::channel();
         Running {
             shutdown: Some(tx),
