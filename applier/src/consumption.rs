@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use caddy_fleet_nats::Delivery;
+use caddy_fleet_nats::{Delivery, LogHealth};
 use caddy_fleet_schema::{AgentId, RouteState};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -215,11 +215,11 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
                 let lag = tokio::time::timeout(LAG_TIMEOUT, source.lag()).await.ok().flatten();
                 // Whether the log has a majority (a consumer's answer alone
                 // does not say: a replica can answer without one).
-                let answers = tokio::time::timeout(LAG_TIMEOUT, source.log_answers())
+                let health = tokio::time::timeout(LAG_TIMEOUT, source.log_health())
                     .await
-                    .unwrap_or(false);
-                liveness.looked(answers);
-                stats.log_answered(answers);
+                    .unwrap_or_default();
+                liveness.looked(&health);
+                stats.log_answered(health.answers);
                 if liveness.expire(&state, config.agent_ttl, stats) {
                     changed_since.get_or_insert_with(Instant::now);
                     owner.changes.send_modify(|n| *n += 1);
@@ -292,14 +292,20 @@ impl Liveness {
         }
     }
 
-    /// The log was looked at now and `answered` or not; the time since the
-    /// last look does not count as any agent's silence when it did not.
-    fn looked(&mut self, answered: bool) {
+    /// The log was looked at now and stood as `health` says: the time
+    /// since the last look does not count as any agent's silence when it
+    /// did not answer, nor as the silence of an agent it was not sourcing.
+    fn looked(&mut self, health: &LogHealth) {
         let now = Instant::now();
-        if !answered {
-            let outage = now.duration_since(self.last_look);
-            for heard in self.heard.values_mut() {
-                *heard = (*heard + outage).min(now);
+        let gap = now.duration_since(self.last_look);
+        let pause = |heard: &mut Instant| *heard = (*heard + gap).min(now);
+        if !health.answers {
+            self.heard.values_mut().for_each(pause);
+        } else {
+            for agent in &health.waiting {
+                if let Some(heard) = self.heard.get_mut(agent) {
+                    pause(heard);
+                }
             }
         }
         self.last_look = now;

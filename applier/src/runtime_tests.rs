@@ -522,6 +522,8 @@ async fn a_silent_agent_expires_after_the_ttl_and_comes_back_when_heard() {
 struct OutageSource {
     deliveries: mpsc::Receiver<Delivery>,
     answers: Arc<std::sync::atomic::AtomicBool>,
+    /// Agents whose ingest stream the log is not sourcing.
+    waiting: Arc<std::sync::Mutex<Vec<AgentId>>>,
 }
 
 impl crate::source::LogSource for OutageSource {
@@ -535,8 +537,11 @@ impl crate::source::LogSource for OutageSource {
             .then_some(0)
     }
 
-    async fn log_answers(&mut self) -> bool {
-        self.answers.load(std::sync::atomic::Ordering::SeqCst)
+    async fn log_health(&mut self) -> caddy_fleet_nats::LogHealth {
+        caddy_fleet_nats::LogHealth {
+            answers: self.answers.load(std::sync::atomic::Ordering::SeqCst),
+            waiting: self.waiting.lock().unwrap().clone(),
+        }
     }
 }
 
@@ -548,6 +553,7 @@ async fn an_outage_of_the_log_expires_no_agent_and_silence_after_it_still_does()
     let source = OutageSource {
         deliveries,
         answers: answers.clone(),
+        waiting: Default::default(),
     };
     let mut applier = Applier::start_on(source, log, &caddy, Saved::default(), |c| {
         c.agent_ttl = Some(Duration::from_secs(30));
@@ -588,6 +594,53 @@ async fn an_outage_of_the_log_expires_no_agent_and_silence_after_it_still_does()
     assert!(expired(&applier));
     let metrics = applier.board.metrics();
     assert!(metrics.contains("caddy_fleet_log_answers 1"), "{metrics}");
+    applier.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_whose_facts_wait_unsourced_does_not_expire_and_expires_once_they_flow() {
+    let caddy = FakeCaddy::default();
+    let (log, deliveries) = mpsc::channel(1024);
+    let waiting = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let source = OutageSource {
+        deliveries,
+        answers: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        waiting: waiting.clone(),
+    };
+    let mut applier = Applier::start_on(source, log, &caddy, Saved::default(), |c| {
+        c.agent_ttl = Some(Duration::from_secs(30));
+    });
+    applier.send(&up("stuck", "s", 8080)).await;
+    applier.send(&up("gone", "g", 8081)).await;
+    until(Duration::from_secs(1), || {
+        let loaded = caddy.last_loaded();
+        loaded.contains("s.test") && loaded.contains("g.test")
+    })
+    .await;
+    // The log answers but does not source `stuck`'s ingest stream for two
+    // TTLs; `gone` is sourced and silent.
+    *waiting.lock().unwrap() = vec![AgentId::new("stuck").unwrap()];
+    until(Duration::from_secs(40), || {
+        !caddy.last_loaded().contains("g.test")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        caddy.last_loaded().contains("s.test"),
+        "an agent the log was not sourcing expired"
+    );
+    // Its sourcing flows again and it stays silent: it expires a TTL later.
+    waiting.lock().unwrap().clear();
+    let flowing = Instant::now();
+    until(Duration::from_secs(40), || {
+        !caddy.last_loaded().contains("s.test")
+    })
+    .await;
+    let silent = flowing.elapsed();
+    assert!(
+        silent >= Duration::from_secs(20),
+        "expired {silent:?} after its sourcing flowed again"
+    );
     applier.stop().await;
 }
 

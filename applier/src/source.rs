@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use caddy_fleet_nats::{ConsumeError, Delivery, DurableSource};
+use caddy_fleet_nats::{ConsumeError, Delivery, DurableSource, LogHealth};
 
 /// An ordered source of log messages.
 pub trait LogSource {
@@ -22,12 +22,19 @@ pub trait LogSource {
         async { None }
     }
 
-    /// Whether the log answers now (it has a leader and a majority of its
-    /// nodes). While it does not, no agent can be heard, so silence does
+    /// How the log stands now: whether it answers (a leader and a majority
+    /// of its nodes), and which agents' ingest streams it is not sourcing.
+    /// While it does not answer no agent can be heard, and while an
+    /// agent's sourcing does not flow that agent cannot: that silence does
     /// not count against `AGENT_TTL`. A source that is not a remote log
-    /// always answers.
-    fn log_answers(&mut self) -> impl Future<Output = bool> + Send {
-        async { true }
+    /// always answers and waits for nobody.
+    fn log_health(&mut self) -> impl Future<Output = LogHealth> + Send {
+        async {
+            LogHealth {
+                answers: true,
+                waiting: Vec::new(),
+            }
+        }
     }
 
     /// The log's messages `from..=to`, in order, when the source skipped
@@ -56,8 +63,8 @@ impl LogSource for DurableSource {
         DurableSource::log_end(self).await.ok()
     }
 
-    async fn log_answers(&mut self) -> bool {
-        self.log_has_majority().await.unwrap_or(false)
+    async fn log_health(&mut self) -> LogHealth {
+        DurableSource::log_health(self).await.unwrap_or_default()
     }
 
     async fn read_range(&mut self, from: u64, to: u64) -> Result<Vec<Delivery>, ConsumeError> {

@@ -174,9 +174,10 @@ impl DurableSource {
         Ok(self.stream.get_info().await?.state.last_sequence)
     }
 
-    /// Whether the log has a majority now (see [`crate::stream::has_majority`]).
-    pub async fn log_has_majority(&self) -> Result<bool, ConsumeError> {
-        Ok(crate::stream::has_majority(&self.stream.get_info().await?))
+    /// How the log stands now: its majority, and the agents whose sourcing
+    /// does not flow (see [`crate::stream::log_health`]).
+    pub async fn log_health(&self) -> Result<crate::stream::LogHealth, ConsumeError> {
+        Ok(crate::stream::log_health(&self.stream.get_info().await?))
     }
 
     /// The messages `from..=to` of the stream, in order, read past the

@@ -26,4 +26,4 @@ pub use async_nats;
 pub use connect::{connect, ConnectError, NatsAuth, NatsConfig, NatsTls};
 pub use consume::{ConsumeError, ConsumerPosition, ConsumerSettings, Delivery, DurableSource};
 pub use publish::{EventPublisher, PublishError};
-pub use stream::{ensure_agent_stream, ensure_stream, StreamError, StreamSettings};
+pub use stream::{ensure_agent_stream, ensure_stream, LogHealth, StreamError, StreamSettings};

@@ -227,6 +227,39 @@ pub fn has_majority(info: &stream::Info) -> bool {
     2 * (1 + seen) > 1 + cluster.replicas.len()
 }
 
+/// A source not heard from for this long does not flow (the server's
+/// source consumer sends a heartbeat a second while idle).
+pub const SOURCE_HEARD_WITHIN: Duration = Duration::from_secs(3);
+
+/// How the log stands, as far as agents' silence is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogHealth {
+    /// It has a leader and a majority ([`has_majority`]); `false` when it
+    /// could not be asked.
+    pub answers: bool,
+    /// Agents whose facts may be waiting in their ingest stream because
+    /// the log's sourcing of it does not flow: messages not sourced yet
+    /// (`lag` > 0), or the source not heard from within
+    /// [`SOURCE_HEARD_WITHIN`]. Their silence is the log's, not theirs.
+    pub waiting: Vec<AgentId>,
+}
+
+/// [`LogHealth`] from the log's stream info.
+pub fn log_health(info: &stream::Info) -> LogHealth {
+    let prefix = format!("{}_IN_", info.config.name);
+    let waiting = info
+        .sources
+        .iter()
+        .filter(|s| s.lag > 0 || s.active.is_none_or(|a| a > SOURCE_HEARD_WITHIN))
+        .filter_map(|s| s.name.strip_prefix(&prefix))
+        .filter_map(|agent| AgentId::new(agent).ok())
+        .collect();
+    LogHealth {
+        answers: has_majority(info),
+        waiting,
+    }
+}
+
 /// A duration in whole seconds, as `STREAM_MAX_AGE` takes it.
 fn humantime_secs(duration: Duration) -> String {
     format!("{}s", duration.as_secs())
@@ -437,6 +470,29 @@ mod tests {
         assert!(log.subjects.is_empty());
         assert_eq!(settings.sourced_agents(&log), [agent]);
         assert!(log.deny_purge && log.deny_delete && !log.allow_rollup);
+    }
+
+    #[test]
+    fn agents_wait_on_a_source_that_lags_or_is_not_heard_from() {
+        let source = |name: &str, lag: u64, active_ms: i64| serde_json::json!({"name": name, "lag": lag, "active": active_ms * 1_000_000});
+        let info: stream::Info = serde_json::from_value(serde_json::json!({
+            "config": serde_json::to_value(StreamSettings::default().to_config(Vec::new())).unwrap(),
+            "created": "2026-01-01T00:00:00Z",
+            "state": {"messages": 0, "bytes": 0, "first_seq": 0, "first_ts": "2026-01-01T00:00:00Z",
+                      "last_seq": 0, "last_ts": "2026-01-01T00:00:00Z", "consumer_count": 0},
+            "sources": [
+                source("CADDY_FLEET_IN_flowing", 0, 800),
+                source("CADDY_FLEET_IN_lagging", 12, 200),
+                source("CADDY_FLEET_IN_quiet", 0, 9_000),
+                {"name": "CADDY_FLEET_IN_never", "lag": 0, "active": -1},
+                source("OTHER_flowing", 3, 100),
+            ],
+        }))
+        .expect("a stream info");
+        let health = log_health(&info);
+        assert!(health.answers);
+        let waiting: Vec<&str> = health.waiting.iter().map(AgentId::as_str).collect();
+        assert_eq!(waiting, ["lagging", "quiet", "never"]);
     }
 
     #[test]

@@ -198,10 +198,21 @@ impl Nats {
         }
     }
 
+    /// A client; retried for a while, since a restarted NATS container's
+    /// published port accepts connections before the server answers them.
     pub async fn client(&self) -> caddy_fleet::nats::async_nats::Client {
-        caddy_fleet::nats::connect(&self.config())
-            .await
-            .expect("connect to NATS")
+        let config = self.config();
+        wait_for(
+            "NATS to accept a client",
+            Duration::from_secs(30),
+            || async {
+                caddy_fleet::nats::connect(&config)
+                    .await
+                    .inspect_err(|error| eprintln!("NATS does not accept a client yet: {error}"))
+                    .ok()
+            },
+        )
+        .await
     }
 }
 
@@ -838,7 +849,15 @@ impl ApplierProcess {
         let policy = base.with_extension("policy.toml");
         std::fs::write(&policy, "[default]\ndomains = [\"*\"]\ntrusted = true\n")
             .expect("write the policy");
-        let child = Command::new(env!("CARGO_BIN_EXE_caddy-fleet"))
+        // `APPLIER_WRAPPER="heaptrack -o /tmp/applier"` runs the applier
+        // under a profiler (words split on spaces, the binary appended).
+        let mut wrapper = std::env::var("APPLIER_WRAPPER").unwrap_or_default();
+        wrapper.push(' ');
+        wrapper.push_str(env!("CARGO_BIN_EXE_caddy-fleet"));
+        let mut words = wrapper.split_whitespace();
+        let program = words.next().expect("the applier's binary");
+        let child = Command::new(program)
+            .args(words)
             .arg("applier")
             .envs(settings.iter().map(|(k, v)| (k, v)))
             .env("POLICY_FILE", &policy)
