@@ -239,6 +239,18 @@ async fn a_restarted_applier_recovers_its_routes_from_the_stream() {
 }
 
 /// Every message of the log in order: (origin stream, payload).
+/// Publishes `agent`'s facts `c<n>` (payload `n`) for each `n` in `range`,
+/// one acked publish at a time.
+async fn publish_numbered(js: &jetstream::Context, agent: &str, range: std::ops::Range<u32>) {
+    for n in range {
+        js.publish(format!("fleet.{agent}.ctr.c{n}"), n.to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+}
+
 async fn log_messages(log: &jetstream::stream::Stream, last: u64) -> Vec<(String, String)> {
     let mut messages = Vec::new();
     for seq in 1..=last {
@@ -294,13 +306,7 @@ async fn restarting_a_source_while_its_agent_publishes_loses_and_repeats_nothing
     let ingest = settings.ingest_name(&agent);
     let done = std::sync::atomic::AtomicBool::new(false);
     let publishing = async {
-        for n in 0..300 {
-            js.publish(format!("fleet.resourced.ctr.c{n}"), n.to_string().into())
-                .await
-                .expect("publish")
-                .await
-                .expect("ack");
-        }
+        publish_numbered(&js, "resourced", 0..300).await;
         done.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     let restarting = async {
@@ -381,13 +387,7 @@ async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alon
     );
     let checking = async {
         let steady_publishes = async {
-            for n in 0..20 {
-                js.publish(format!("fleet.steady.ctr.c{n}"), n.to_string().into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
+            publish_numbered(&js, "steady", 0..20).await;
         };
         steady_publishes.await;
         wait_for(
@@ -406,13 +406,7 @@ async fn the_watch_restarts_a_source_not_heard_from_and_leaves_healthy_ones_alon
         js.create_stream(settings.ingest_config(&late))
             .await
             .expect("create the late ingest stream");
-        for n in 0..20 {
-            js.publish(format!("fleet.late.ctr.c{n}"), n.to_string().into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
+        publish_numbered(&js, "late", 0..20).await;
         let messages = log_settled(&js, &settings, &settings.ingest_name(&late), 40).await;
         let from = |agent: &AgentId| -> Vec<String> {
             let origin = format!("{}:", settings.ingest_name(agent));
@@ -504,26 +498,14 @@ async fn the_watch_adds_back_an_ingest_stream_the_log_lost() {
     let agent = AgentId::new("dropped").unwrap();
     ensure_agent_stream(&js, &settings, &agent).await.unwrap();
     let ingest = settings.ingest_name(&agent);
-    for n in 0..10 {
-        js.publish(format!("fleet.dropped.ctr.c{n}"), n.to_string().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
+    publish_numbered(&js, "dropped", 0..10).await;
     log_settled(&js, &settings, &ingest, 10).await;
     // Another writer's read-change-write drops the source.
     let mut log = js.get_stream(&settings.name).await.unwrap();
     let mut config = log.info().await.unwrap().config.clone();
     config.sources = Some(Vec::new());
     js.update_stream(config).await.expect("drop the source");
-    for n in 10..20 {
-        js.publish(format!("fleet.dropped.ctr.c{n}"), n.to_string().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
+    publish_numbered(&js, "dropped", 10..20).await;
 
     let added_back = std::sync::Mutex::new(Vec::new());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
