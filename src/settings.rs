@@ -236,8 +236,8 @@ pub struct Settings {
     #[serde(deserialize_with = "text::duration")]
     pub upstream_dns_refresh: Duration,
 
-    /// How long Caddy keeps using its last answer for a site while the applier does not answer DNS (UPSTREAMS=dynamic).
-    #[arg(long, env = "UPSTREAM_DNS_GRACE", global = true, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    /// After a failed lookup, how long Caddy serves its last answer (or none, for a name it never had) before asking again (UPSTREAMS=dynamic); keep it short.
+    #[arg(long, env = "UPSTREAM_DNS_GRACE", global = true, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     #[serde(deserialize_with = "text::duration")]
     pub upstream_dns_grace: Duration,
 
@@ -703,6 +703,17 @@ impl Settings {
             return Err(rejected(
                 "UPSTREAM_DNS_REFRESH",
                 "0s would look every request's upstreams up; use 1s or more".to_string(),
+            ));
+        }
+        // Caddy marks a failed lookup's answer fresh for grace − refresh.
+        if self.upstream_dns_grace <= self.upstream_dns_refresh {
+            return Err(rejected(
+                "UPSTREAM_DNS_GRACE",
+                format!(
+                    "{} is not longer than UPSTREAM_DNS_REFRESH ({}): Caddy would ask again at every request while the applier does not answer; use a few seconds more",
+                    humantime::format_duration(self.upstream_dns_grace),
+                    humantime::format_duration(self.upstream_dns_refresh)
+                ),
             ));
         }
         Ok(Some(DynamicUpstreams {
@@ -1309,7 +1320,7 @@ applier_domains = "*.eu.example.com,eu.example.com"
 upstreams_mode = "dynamic"
 upstream_dns_listen = "127.0.0.1:8053"
 upstream_dns_refresh = "1s"
-upstream_dns_grace = "24h"
+upstream_dns_grace = "5s"
 sync_interval = "5m"
 heartbeat_interval = "10s"
 stream_max_age = "7d"
@@ -1583,6 +1594,20 @@ log_format = "json"
             "{}",
             one_line(&err)
         );
+
+        let err = load(
+            &[],
+            &[("UPSTREAMS", "dynamic"), ("UPSTREAM_DNS_GRACE", "1s")],
+        )
+        .unwrap()
+        .applier_config(None)
+        .unwrap_err();
+        assert!(
+            one_line(&err)
+                .starts_with("UPSTREAM_DNS_GRACE: 1s is not longer than UPSTREAM_DNS_REFRESH (1s)"),
+            "{}",
+            one_line(&err)
+        );
     }
 
     #[test]
@@ -1626,7 +1651,7 @@ log_format = "json"
             Some(DynamicUpstreams {
                 resolver: "127.0.0.1:5399".parse().unwrap(),
                 refresh: Duration::from_secs(2),
-                grace_period: Duration::from_secs(86_400),
+                grace_period: Duration::from_secs(5),
             })
         );
         assert_eq!(

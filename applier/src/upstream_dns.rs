@@ -211,7 +211,7 @@ impl UpstreamDns {
             // The server's tasks ended by themselves (a socket failed).
             result = self.server.block_until_done() => {
                 if let Err(error) = result {
-                    tracing::error!(%error, "The upstream DNS server stopped; Caddy keeps its last answers for UPSTREAM_DNS_GRACE.");
+                    tracing::error!(%error, "The upstream DNS server stopped; Caddy keeps its last answers, asking again every UPSTREAM_DNS_GRACE.");
                 }
                 return;
             }

@@ -521,7 +521,7 @@ pub fn dynamic_upstreams() -> caddy_fleet::schema::dynamic::DynamicUpstreams {
     caddy_fleet::schema::dynamic::DynamicUpstreams {
         resolver: "127.0.0.1:0".parse().expect("loopback"),
         refresh: Duration::from_secs(1),
-        grace_period: Duration::from_secs(86_400),
+        grace_period: Duration::from_secs(5),
     }
 }
 
