@@ -624,6 +624,8 @@ async fn an_agent_whose_facts_wait_unsourced_does_not_expire_and_expires_once_th
         !caddy.last_loaded().contains("g.test")
     })
     .await;
+    // The condition is time itself (on the paused clock): the waiting
+    // agent must outlast another whole TTL.
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(
         caddy.last_loaded().contains("s.test"),
