@@ -21,6 +21,7 @@ use caddy_fleet::schema::labels::{from_labels, parse_golden_labels};
 use caddy_fleet::schema::template::FixedTargets;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// A Caddy admin API that counts `/adapt` calls.
@@ -40,7 +41,11 @@ impl CaddyApi for Counting {
     async fn has_id(&self, id: &str) -> Result<bool, CaddyError> {
         self.inner.has_id(id).await
     }
-    async fn load(&self, config: &Value) -> Result<(), CaddyError> {
+    async fn adapt_raw(&self, caddyfile: &str) -> Result<Box<RawValue>, CaddyError> {
+        self.adapts.fetch_add(1, Ordering::SeqCst);
+        self.inner.adapt_raw(caddyfile).await
+    }
+    async fn load(&self, config: &str) -> Result<(), CaddyError> {
         self.inner.load(config).await
     }
 }
@@ -94,6 +99,7 @@ async fn check(
         .expect("Caddy reachable");
     match (whole, composed) {
         (Ok(whole), Composed::Config(config)) => {
+            let config: Value = serde_json::from_str(config.get()).expect("composed JSON");
             if config != whole {
                 let path =
                     first_difference(&whole, &config, &mut String::new()).unwrap_or_default();

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Why Caddy did not do what was asked.
@@ -16,6 +17,10 @@ pub enum CaddyError {
     /// Caddy could not be reached (down, restarting, wrong address).
     #[error("cannot reach Caddy's admin API at {url}: {source}")]
     Unreachable { url: String, source: reqwest::Error },
+    /// A config could not be read or written as JSON (a bug of ours: the
+    /// push is not made).
+    #[error("the config to load is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
     /// Caddy answered with an error, e.g. a config it refuses.
     #[error("Caddy refused {what} ({status}): {message}")]
     Refused {
@@ -29,17 +34,27 @@ pub enum CaddyError {
 pub trait CaddyApi: Send + Sync {
     /// Adapts a Caddyfile to JSON without loading it.
     fn adapt(&self, caddyfile: &str) -> impl Future<Output = Result<Value, CaddyError>> + Send;
+    /// Adapts a whole Caddyfile and keeps the answer as JSON text: a
+    /// whole config is only forwarded, never walked, and as a `Value` it
+    /// takes about fifteen times its text's size.
+    fn adapt_raw(
+        &self,
+        caddyfile: &str,
+    ) -> impl Future<Output = Result<Box<RawValue>, CaddyError>> + Send;
     /// The running config's `admin` block, if any.
     fn running_admin(&self) -> impl Future<Output = Result<Option<Value>, CaddyError>> + Send;
     /// Whether the running config holds an object with `@id` `id`.
     fn has_id(&self, id: &str) -> impl Future<Output = Result<bool, CaddyError>> + Send;
-    /// Replaces Caddy's whole config with `config`.
-    fn load(&self, config: &Value) -> impl Future<Output = Result<(), CaddyError>> + Send;
+    /// Replaces Caddy's whole config with `config` (JSON text).
+    fn load(&self, config: &str) -> impl Future<Output = Result<(), CaddyError>> + Send;
 }
 
 impl CaddyApi for CaddyAdmin {
     async fn adapt(&self, caddyfile: &str) -> Result<Value, CaddyError> {
         CaddyAdmin::adapt(self, caddyfile).await
+    }
+    async fn adapt_raw(&self, caddyfile: &str) -> Result<Box<RawValue>, CaddyError> {
+        CaddyAdmin::adapt_raw(self, caddyfile).await
     }
     async fn running_admin(&self) -> Result<Option<Value>, CaddyError> {
         CaddyAdmin::running_admin(self).await
@@ -47,7 +62,7 @@ impl CaddyApi for CaddyAdmin {
     async fn has_id(&self, id: &str) -> Result<bool, CaddyError> {
         CaddyAdmin::has_id(self, id).await
     }
-    async fn load(&self, config: &Value) -> Result<(), CaddyError> {
+    async fn load(&self, config: &str) -> Result<(), CaddyError> {
         CaddyAdmin::load(self, config).await
     }
 }
@@ -107,11 +122,11 @@ impl CaddyAdmin {
         })
     }
 
-    async fn json(
+    async fn json<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
         response: reqwest::Response,
-    ) -> Result<Value, CaddyError> {
+    ) -> Result<T, CaddyError> {
         response
             .json()
             .await
@@ -129,11 +144,32 @@ impl CaddyAdmin {
             .header("Content-Type", "text/caddyfile")
             .body(caddyfile.to_string());
         let response = self.send("the Caddyfile", request).await?;
-        let mut body = self.json("adapt", response).await?;
+        let mut body: Value = self.json("adapt", response).await?;
         Ok(body
             .get_mut("result")
             .map(Value::take)
             .unwrap_or(Value::Null))
+    }
+
+    /// Adapts a Caddyfile and keeps the answer's `result` as JSON text
+    /// (`null` when there is none).
+    pub async fn adapt_raw(&self, caddyfile: &str) -> Result<Box<RawValue>, CaddyError> {
+        /// Caddy's answer to `/adapt`; its warnings are not read.
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            result: Option<Box<RawValue>>,
+        }
+        let request = self
+            .http
+            .post(self.url("/adapt"))
+            .header("Content-Type", "text/caddyfile")
+            .body(caddyfile.to_string());
+        let response = self.send("the Caddyfile", request).await?;
+        let answer: Answer = self.json("adapt", response).await?;
+        match answer.result {
+            Some(result) => Ok(result),
+            None => Ok(RawValue::NULL.to_owned()),
+        }
     }
 
     /// The running config's `admin` block, if any.
@@ -143,7 +179,8 @@ impl CaddyAdmin {
             .await;
         match response {
             Ok(response) => {
-                Ok(Some(self.json("config/admin", response).await?).filter(|v| !v.is_null()))
+                let admin: Value = self.json("config/admin", response).await?;
+                Ok(Some(admin).filter(|v| !v.is_null()))
             }
             // Caddy ≥ 2.7.5 answers 404 for a path that is not set.
             Err(CaddyError::Refused { status: 404, .. }) => Ok(None),
@@ -174,8 +211,8 @@ impl CaddyAdmin {
         }
     }
 
-    /// Replaces Caddy's whole config with `config`.
-    pub async fn load(&self, config: &Value) -> Result<(), CaddyError> {
+    /// Replaces Caddy's whole config with `config` (JSON text).
+    pub async fn load(&self, config: &str) -> Result<(), CaddyError> {
         let request = self
             .http
             .post(self.url("/load"))

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use caddy_fleet_schema::caddyfile::Caddyfile;
 use caddy_fleet_schema::translate::{assemble, ContainerUnit};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::caddy::{CaddyAdmin, CaddyApi, CaddyError};
@@ -313,43 +314,44 @@ impl<C: CaddyApi> Converger<C> {
     /// or has Caddy adapt it whole; keeps the admin endpoint, tags the
     /// config with a sentinel `@id` and loads it. Returns the sentinel.
     async fn try_push(&mut self, file: &Caddyfile, caddyfile: &str) -> Result<String, CaddyError> {
-        let mut json = match self.composer.compose(&self.caddy, file).await? {
+        let config = match self.composer.compose(&self.caddy, file).await? {
             Composed::Config(json) => {
                 self.report.composed += 1;
                 json
             }
             Composed::Whole(reason) => {
                 self.report.whole.push(reason);
-                self.caddy.adapt(caddyfile).await?
+                self.caddy.adapt_raw(caddyfile).await?
             }
         };
-        if !json.is_object() {
-            json = Value::Object(Default::default());
-        }
+        // Only the top level is read: the rest is forwarded as text.
+        let mut top: BTreeMap<String, Box<RawValue>> =
+            serde_json::from_str::<Option<_>>(config.get())?.unwrap_or_default();
+        drop(config);
         // Keep Caddy's admin endpoint where it is: a config without `admin`
         // would move it back to localhost inside Caddy's container.
-        if json.get("admin").is_none() {
-            let admin = match &self.running_admin {
+        let mut admin = match top.get("admin") {
+            Some(admin) => Some(serde_json::from_str::<Value>(admin.get())?),
+            None => match &self.running_admin {
                 Some(admin) => admin.clone(),
                 None => {
                     let admin = self.caddy.running_admin().await?;
                     self.running_admin = Some(admin.clone());
                     admin
                 }
-            };
-            if let Some(admin) = admin {
-                json["admin"] = admin;
-            }
+            },
         }
-        if !json.get("admin").is_some_and(Value::is_object) {
-            json["admin"] = Value::Object(Default::default());
-        }
+        .filter(Value::is_object)
+        .unwrap_or_else(|| Value::Object(Default::default()));
         let sentinel = format!(
             "{}-{:016x}",
             self.sentinel_prefix,
             fnv1a(caddyfile.as_bytes())
         );
-        json["admin"]["@id"] = Value::String(sentinel.clone());
+        admin["@id"] = Value::String(sentinel.clone());
+        top.insert("admin".into(), serde_json::value::to_raw_value(&admin)?);
+        let json = serde_json::to_string(&top)?;
+        drop(top);
         self.caddy.load(&json).await?;
         Ok(sentinel)
     }

@@ -11,6 +11,7 @@ use caddy_fleet_nats::Delivery;
 use caddy_fleet_schema::event::{ContainerState, Health, PortBinding};
 use caddy_fleet_schema::translate::TranslateOptions;
 use caddy_fleet_schema::{AgentId, ContainerDown, ContainerFacts, Event, Heartbeat, RouteState};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -129,7 +130,12 @@ impl CaddyApi for FakeCaddy {
             .as_ref()
             .is_some_and(|r| r["admin"]["@id"] == id))
     }
-    async fn load(&self, config: &Value) -> Result<(), CaddyError> {
+    async fn adapt_raw(&self, caddyfile: &str) -> Result<Box<RawValue>, CaddyError> {
+        let json = self.adapt(caddyfile).await?;
+        Ok(serde_json::value::to_raw_value(&json).expect("JSON"))
+    }
+    async fn load(&self, config: &str) -> Result<(), CaddyError> {
+        let config: Value = serde_json::from_str(config).expect("JSON");
         self.gate().await?;
         let load_time = self.state().load_time;
         tokio::time::sleep(load_time).await;

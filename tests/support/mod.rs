@@ -111,15 +111,27 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    match poll_until(timeout, interval, check).await {
+        Some(value) => value,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` every `interval` until it returns `Some`; `None` once
+/// `timeout` has passed (for waits that say more when they fail).
+pub async fn poll_until<T, F, Fut>(timeout: Duration, interval: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
     let started = Instant::now();
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if started.elapsed() >= timeout {
+            return None;
+        }
         tokio::time::sleep(interval).await;
     }
 }
@@ -278,14 +290,40 @@ impl Caddy {
 
     /// Waits (bounded by `timeout`) until a GET with `Host: host` answers
     /// 200 with exactly `body`.
+    /// On a timeout it says what Caddy answered last and the end of
+    /// Caddy's log (a failed upstream lookup, a refused config).
     pub async fn wait_serving(&self, host: &str, body: &str, timeout: Duration) {
-        let what = format!("{host} to answer {body:?} through Caddy");
-        wait_for(&what, timeout, || async {
-            self.get(host)
-                .await
-                .filter(|(status, text)| *status == 200 && text == body)
+        let last = Mutex::new(None);
+        let served = poll_until(timeout, Duration::from_millis(100), || async {
+            let answer = self.get(host).await;
+            let served = answer
+                .as_ref()
+                .is_some_and(|(status, text)| *status == 200 && text == body);
+            *last.lock().unwrap() = Some(answer);
+            served.then_some(())
         })
         .await;
+        if served.is_none() {
+            let last = last.lock().unwrap().take();
+            panic!(
+                "timed out after {timeout:?} waiting for {host} to answer {body:?} through Caddy; its last answer: {last:?} (None: no answer in 3 s)\nthe end of Caddy's log:\n{}",
+                self.log_tail(30).await
+            );
+        }
+    }
+
+    /// The last `lines` lines of Caddy's log.
+    pub async fn log_tail(&self, lines: usize) -> String {
+        self.log_lines(|_| true, lines).await
+    }
+
+    /// The last `lines` lines of Caddy's log that `keep` keeps (e.g. its
+    /// errors: why a request got a 502).
+    pub async fn log_lines(&self, keep: impl Fn(&str) -> bool, lines: usize) -> String {
+        let log = self.container.stderr_to_vec().await.unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        let kept: Vec<&str> = log.lines().filter(|l| keep(l)).collect();
+        kept[kept.len().saturating_sub(lines)..].join("\n")
     }
 
     /// The running config, as Caddy reports it; `None` if the request

@@ -8,11 +8,13 @@
 
 use std::collections::{HashMap, HashSet};
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::address::{listeners_use_any_port_other_than, specificity};
 use super::gosort::slice_stable;
-use super::site::{has_host_matcher, Globals, Site};
+use super::site::{Globals, Site};
+use super::text::{cut, marker};
 use super::tls::{consolidate, Policy};
 use super::Reason;
 
@@ -51,56 +53,77 @@ fn site_less(i: &Site, j: &Site) -> bool {
     ih > jh
 }
 
-/// Adjacent routes with the same matchers, terminality and group become
-/// one (Caddy's `consolidateRoutes`).
-fn consolidate_routes(routes: Vec<Value>) -> Vec<Value> {
-    let mut out: Vec<Value> = Vec::with_capacity(routes.len());
-    for route in routes {
-        if let Some(last) = out.last_mut() {
-            let same = ["match", "terminal", "group"]
-                .iter()
-                .all(|k| last.get(*k) == route.get(*k));
-            if same {
-                let mut handlers = route
-                    .get("handle")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                if !handlers.is_empty() {
-                    let into = last.as_object_mut().map(|o| {
-                        o.entry("handle")
-                            .or_insert_with(|| Value::Array(Vec::new()))
-                    });
-                    if let Some(Value::Array(list)) = into {
-                        list.append(&mut handlers);
-                    }
-                }
-                continue;
-            }
-        }
-        out.push(route);
-    }
-    out
+/// One route of a composed server's list.
+enum Entry<'a> {
+    /// A lone site's routes, unwrapped.
+    Plain(Placed<'a>),
+    /// A site's wrapper route: its matchers, then one subroute per site
+    /// with routes (adjacent wrappers with the same matchers are one, as
+    /// Caddy's `consolidateRoutes` makes them).
+    Wrapper {
+        matchers: Option<&'a str>,
+        subroutes: Vec<Placed<'a>>,
+    },
 }
 
-/// A site's routes with its group numbers moved to where they fall in
-/// the whole config.
-fn renumbered(site: &Site, parse_offset: u64, build_offset: u64) -> Vec<Value> {
-    let mut routes = Value::Array(site.routes.clone());
-    for group in &site.groups {
-        let number = if group.site_phase {
-            build_offset + (group.local - site.build_base)
-        } else {
-            parse_offset + group.local
-        };
-        if let Some(slot) = routes.pointer_mut(&group.pointer) {
-            *slot = Value::String(format!("group{number}"));
+/// A site's routes, and where its group numbers start in the config.
+struct Placed<'a> {
+    site: &'a Site,
+    parse_offset: u64,
+    build_offset: u64,
+}
+
+impl Placed<'_> {
+    /// The site's routes with its group numbers moved to where they fall
+    /// in the whole config.
+    fn write(&self, out: &mut String) {
+        let site = self.site;
+        site.routes.write(out, |group| {
+            if group.site_phase {
+                self.build_offset + (group.local - site.build_base)
+            } else {
+                self.parse_offset + group.local
+            }
+        });
+    }
+}
+
+/// Writes a server's route list.
+fn write_routes(out: &mut String, entries: &[Entry]) {
+    out.push('[');
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match entry {
+            Entry::Plain(placed) => placed.write(out),
+            Entry::Wrapper {
+                matchers,
+                subroutes,
+            } => {
+                out.push('{');
+                if !subroutes.is_empty() {
+                    out.push_str("\"handle\":[");
+                    for (j, placed) in subroutes.iter().enumerate() {
+                        if j > 0 {
+                            out.push(',');
+                        }
+                        out.push_str("{\"handler\":\"subroute\",\"routes\":[");
+                        placed.write(out);
+                        out.push_str("]}");
+                    }
+                    out.push_str("],");
+                }
+                if let Some(matchers) = matchers {
+                    out.push_str("\"match\":");
+                    out.push_str(matchers);
+                    out.push(',');
+                }
+                out.push_str("\"terminal\":true}");
+            }
         }
     }
-    match routes {
-        Value::Array(routes) => routes,
-        _ => Vec::new(),
-    }
+    out.push(']');
 }
 
 #[derive(PartialEq)]
@@ -109,8 +132,9 @@ enum Scheme {
     Https,
 }
 
-/// The whole config for `sites`, in the order of the Caddyfile.
-pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Value, Reason> {
+/// The whole config for `sites`, in the order of the Caddyfile, as JSON
+/// text: the servers' routes are written straight from the sites' texts.
+pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Box<RawValue>, Reason> {
     let http_port = globals.http_port.to_string();
     let https_port = globals.https_port.to_string();
 
@@ -152,6 +176,8 @@ pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Value, Reason> {
     let mut hostless_policies = 0;
     let mut policies: Vec<Policy> = Vec::new();
     let mut out_servers = Map::new();
+    // Each server's routes, written into its `routes` marker at the end.
+    let mut server_routes: Vec<Vec<Entry>> = Vec::new();
     for (n, (listen, members)) in servers.iter().enumerate() {
         let mut seen_keys: HashSet<&str> = HashSet::new();
         for &i in members {
@@ -175,7 +201,7 @@ pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Value, Reason> {
             .is_some_and(|d| d == &Value::Bool(true));
         let mut qualifies = false;
         let mut scheme: Option<Scheme> = None;
-        let mut routes = Vec::new();
+        let mut routes: Vec<Entry> = Vec::new();
         for &i in members {
             let site = sites[i];
             if site.flags != flags {
@@ -208,29 +234,41 @@ pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Value, Reason> {
                     && (addr.port == https_port
                         || (addr.port != http_port && !addr.host.is_empty()));
             }
-            let site_routes = renumbered(site, parse_offsets[i], build_offset);
+            let placed = Placed {
+                site,
+                parse_offset: parse_offsets[i],
+                build_offset,
+            };
             build_offset += site.b;
-            let wrap =
-                !site.matchers.is_empty() || members.len() > 1 || has_host_matcher(&site_routes);
-            if wrap {
-                if site.matchers.is_empty() && site_routes.is_empty() {
+            let wrap = site.matchers.is_some() || members.len() > 1 || site.host_matcher;
+            if !wrap {
+                if !site.routes.is_empty() {
+                    routes.push(Entry::Plain(placed));
+                }
+                continue;
+            }
+            if site.matchers.is_none() && site.routes.is_empty() {
+                continue;
+            }
+            let matchers = site.matchers.as_deref();
+            let subroutes = (!site.routes.is_empty()).then_some(placed);
+            // Adjacent routes with the same matchers (and terminality and
+            // group, which wrappers share) become one; only servers of
+            // several sites are consolidated.
+            if let Some(Entry::Wrapper {
+                matchers: last,
+                subroutes: into,
+            }) = routes.last_mut()
+            {
+                if members.len() > 1 && *last == matchers {
+                    into.extend(subroutes);
                     continue;
                 }
-                let mut route = Map::new();
-                if !site.matchers.is_empty() {
-                    route.insert("match".into(), Value::Array(site.matchers.clone()));
-                }
-                if !site_routes.is_empty() {
-                    let mut subroute = Map::new();
-                    subroute.insert("handler".into(), "subroute".into());
-                    subroute.insert("routes".into(), Value::Array(site_routes));
-                    route.insert("handle".into(), Value::Array(vec![Value::Object(subroute)]));
-                }
-                route.insert("terminal".into(), Value::Bool(true));
-                routes.push(Value::Object(route));
-            } else {
-                routes.extend(site_routes);
             }
+            routes.push(Entry::Wrapper {
+                matchers,
+                subroutes: subroutes.into_iter().collect(),
+            });
         }
         // A server cannot serve both HTTP and HTTPS (Caddy refuses it).
         for &i in members {
@@ -255,16 +293,14 @@ pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Value, Reason> {
                 }
             }
         }
-        if members.len() > 1 {
-            routes = consolidate_routes(routes);
-        }
         let mut server = extras.clone();
         server.insert(
             "listen".into(),
             Value::Array(listen.iter().cloned().map(Value::String).collect()),
         );
         if !routes.is_empty() {
-            server.insert("routes".into(), Value::Array(routes));
+            server.insert("routes".into(), marker("routes", server_routes.len()));
+            server_routes.push(routes);
         }
         if let Some((mut object, skip)) = auto_https {
             if !skip.is_empty() {
@@ -348,7 +384,26 @@ pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Value, Reason> {
                 Value::Array(policies.iter().map(Policy::to_json).collect());
         }
     }
-    Ok(config)
+    let skeleton = config.to_string();
+    let cut = cut(&skeleton, "routes", server_routes.len()).ok_or_else(|| {
+        Reason::new(
+            "markers",
+            "the global options hold a value that looks like a routes marker",
+        )
+    })?;
+    let mut out = String::with_capacity(skeleton.len() + server_routes.len() * 4096);
+    for (i, piece) in cut.pieces.iter().enumerate() {
+        out.push_str(piece);
+        if let Some(&n) = cut.holes.get(i) {
+            write_routes(&mut out, &server_routes[n]);
+        }
+    }
+    RawValue::from_string(out).map_err(|error| {
+        Reason::new(
+            "composed-json",
+            format!("the composed config is not JSON ({error})"),
+        )
+    })
 }
 
 /// The first path where `a` and `b` differ, for naming what a site adds.

@@ -11,6 +11,10 @@
 //! automation policies. The result equals Caddy's `/adapt` of the whole
 //! Caddyfile (`tests/compose.rs` checks it against a real Caddy).
 //!
+//! Shares and the composed config are JSON text, cut where composition
+//! writes numbers and lists ([`text`]): at 10,000 sites, `Value` trees of
+//! the shares and of the whole config took most of the applier's memory.
+//!
 //! Whatever is not reproduced exactly falls back to one whole `/adapt`,
 //! with a [`Reason`]: a site that Caddy adapts to more than its server
 //! and automation policies (access logs, error routes, manual
@@ -23,6 +27,7 @@ pub mod address;
 pub mod assemble;
 pub mod gosort;
 pub mod site;
+pub mod text;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -30,6 +35,7 @@ use std::sync::Arc;
 
 use caddy_fleet_schema::caddyfile::{Block, Caddyfile};
 use futures::StreamExt;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::caddy::{CaddyApi, CaddyError};
@@ -62,8 +68,9 @@ impl std::fmt::Display for Reason {
 /// What a composition gave.
 #[derive(Debug)]
 pub enum Composed {
-    /// The config, equal to Caddy's adapt of the whole Caddyfile.
-    Config(Value),
+    /// The config, equal to Caddy's adapt of the whole Caddyfile, as JSON
+    /// text.
+    Config(Box<RawValue>),
     /// Adapt the whole Caddyfile instead, for this reason.
     Whole(Reason),
 }
@@ -368,6 +375,12 @@ fn read_share(
         globals,
         &[&without_policies(&site), &without_policies(probe)],
     )?;
+    let composed: Value = serde_json::from_str(composed.get()).map_err(|error| {
+        Reason::new(
+            "composed-json",
+            format!("the composed config is not JSON ({error})"),
+        )
+    })?;
     let mut adapted = out.clone();
     if let Some(automation) = adapted["apps"]["tls"]["automation"].as_object_mut() {
         automation.remove("policies");

@@ -15,6 +15,7 @@ use caddy_fleet_schema::caddyfile::Block;
 use serde_json::{Map, Value};
 
 use super::address::{parse_keys, Address};
+use super::text;
 use super::tls::Policy;
 use super::Reason;
 
@@ -24,13 +25,63 @@ pub const PROBE: &str = "https://caddy-fleet-probe.invalid:1 {\n\tbind ~caddy-fl
 pub const PROBE_LISTEN: &str = "~caddy-fleet-probe:1";
 pub const PROBE_HOST: &str = "caddy-fleet-probe.invalid";
 
-/// A `group` field in a site's routes: where it is, when Caddy's counter
-/// gave it (`site`: when the site's routes were built), and its number.
+/// A `group` field in a site's routes: when Caddy's counter gave it
+/// (`site`: when the site's routes were built), and its number.
 #[derive(Debug, Clone)]
 pub struct GroupRef {
-    pub pointer: String,
     pub site_phase: bool,
     pub local: u64,
+}
+
+/// A site's routes as JSON text (the list's items, without its brackets),
+/// cut where each route group's name goes, so composing writes the
+/// numbers the whole config gives them between the pieces.
+#[derive(Debug, Clone, Default)]
+pub struct RouteText {
+    /// `pieces[i]` comes before `groups[i]`; one more piece than groups.
+    pieces: Vec<String>,
+    groups: Vec<GroupRef>,
+}
+
+impl RouteText {
+    /// `routes` with the groups at `found` (JSON pointers under the list)
+    /// cut out; `None` if they cannot be cut (a string of the routes looks
+    /// like a marker).
+    fn new(mut list: Value, found: Vec<(String, GroupRef)>) -> Option<RouteText> {
+        for (n, (pointer, _)) in found.iter().enumerate() {
+            *list.pointer_mut(pointer)? = text::marker("group", n);
+        }
+        let json = list.to_string();
+        let inner = json.strip_prefix('[')?.strip_suffix(']')?;
+        let cut = text::cut(inner, "group", found.len())?;
+        let mut refs: Vec<Option<GroupRef>> = found.into_iter().map(|(_, g)| Some(g)).collect();
+        let groups = cut
+            .holes
+            .iter()
+            .map(|&n| refs.get_mut(n).and_then(Option::take))
+            .collect::<Option<Vec<GroupRef>>>()?;
+        Some(RouteText {
+            pieces: cut.pieces,
+            groups,
+        })
+    }
+
+    /// Whether the list has no route.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty() && self.pieces.iter().all(String::is_empty)
+    }
+
+    /// Writes the list's items, each group named by `number`.
+    pub fn write(&self, out: &mut String, number: impl Fn(&GroupRef) -> u64) {
+        for (i, piece) in self.pieces.iter().enumerate() {
+            out.push_str(piece);
+            if let Some(group) = self.groups.get(i) {
+                out.push_str("\"group");
+                out.push_str(&number(group).to_string());
+                out.push('"');
+            }
+        }
+    }
 }
 
 /// What one site contributes, and what decides how it combines.
@@ -46,11 +97,13 @@ pub struct Site {
     pub extras: Map<String, Value>,
     /// `automatic_https` without `skip` (the global `auto_https` flags).
     pub flags: Map<String, Value>,
-    /// The matcher sets of the site's route (from its addresses).
-    pub matchers: Vec<Value>,
+    /// The matcher sets of the site's route (from its addresses), as a
+    /// JSON list; `None` when it has none.
+    pub matchers: Option<String>,
     /// The site's subroute: its directives' routes.
-    pub routes: Vec<Value>,
-    pub groups: Vec<GroupRef>,
+    pub routes: RouteText,
+    /// Whether a route of the site's own has a host matcher.
+    pub host_matcher: bool,
     /// Group numbers taken while parsing (`a`) and while building (`b`).
     pub a: u64,
     pub b: u64,
@@ -466,12 +519,8 @@ pub fn extract(out: &Value, block: &Block, globals: &Globals, probe: bool) -> Re
         _ => return Err(Reason::new("routes", "the site adapts to several routes")),
     };
     let mut found = Vec::new();
-    collect_groups(
-        &Value::Array(routes.clone()),
-        &mut String::new(),
-        0,
-        &mut found,
-    )?;
+    let routes = Value::Array(routes);
+    collect_groups(&routes, &mut String::new(), 0, &mut found)?;
     let mut groups = Vec::new();
     for (pointer, depth, number) in found {
         let site_phase = depth == 1;
@@ -486,12 +535,22 @@ pub fn extract(out: &Value, block: &Block, globals: &Globals, probe: bool) -> Re
                 "a route group number is outside the site's share",
             ));
         }
-        groups.push(GroupRef {
+        groups.push((
             pointer,
-            site_phase,
-            local: number,
-        });
+            GroupRef {
+                site_phase,
+                local: number,
+            },
+        ));
     }
+    let host_matcher = routes.as_array().is_some_and(|r| has_host_matcher(r));
+    let matchers = (!matchers.is_empty()).then(|| Value::Array(matchers).to_string());
+    let routes = RouteText::new(routes, groups).ok_or_else(|| {
+        Reason::new(
+            "groups",
+            "the site's routes hold a value that looks like a route group marker",
+        )
+    })?;
     let mut policies = Vec::new();
     for policy in out["apps"]["tls"]["automation"]["policies"]
         .as_array()
@@ -539,7 +598,7 @@ pub fn extract(out: &Value, block: &Block, globals: &Globals, probe: bool) -> Re
         flags,
         matchers,
         routes,
-        groups,
+        host_matcher,
         a,
         b,
         build_base,
