@@ -249,6 +249,14 @@ fn translate_one(
         file.set_default_option("reverse_proxy", "stream_close_delay", &go_duration(delay));
     }
     if let Some(patience) = options.proxy_try_duration.filter(|d| !d.is_zero()) {
+        // First, so that labels giving their own try duration keep
+        // Caddy's interval with it.
+        file.set_default_option_unless(
+            "reverse_proxy",
+            "lb_try_interval",
+            &go_duration(PROXY_TRY_INTERVAL),
+            &["lb_retries", "lb_try_duration"],
+        );
         file.set_default_option_unless(
             "reverse_proxy",
             "lb_try_duration",
@@ -271,6 +279,15 @@ fn translate_one(
 }
 
 /// A duration as Caddy reads it (Go's `time.ParseDuration`).
+/// How long a generated `reverse_proxy` waits before it tries again
+/// (Caddy's `lb_try_interval`, 250 ms unless set), given with
+/// [`TranslateOptions::proxy_try_duration`]. A retry pending when Caddy
+/// loads a new config is dropped (the handler's context is the unloaded
+/// config's) and the request gets a 502, so the wait is the window in
+/// which a push fails a request whose upstream was routed a moment before
+/// it listens; short, it is rarely hit.
+pub const PROXY_TRY_INTERVAL: Duration = Duration::from_millis(50);
+
 pub(crate) fn go_duration(duration: Duration) -> String {
     if duration.subsec_millis() == 0 {
         format!("{}s", duration.as_secs())
@@ -983,11 +1000,13 @@ mod tests {
         };
         assert_eq!(
             text("web"),
-            "a.test {\n\treverse_proxy host-a1:1 {\n\t\tlb_try_duration 5s\n\t}\n}\n"
+            "a.test {\n\treverse_proxy host-a1:1 {\n\t\tlb_try_duration 5s\n\t\tlb_try_interval 50ms\n\t}\n}\n"
         );
-        assert!(!text("own").contains("lb_try_duration"), "{}", text("own"));
+        assert!(!text("own").contains("lb_try"), "{}", text("own"));
         assert!(
-            text("patient").contains("lb_try_duration 1s") && !text("patient").contains("5s"),
+            text("patient").contains("lb_try_duration 1s")
+                && !text("patient").contains("5s")
+                && !text("patient").contains("lb_try_interval"),
             "{}",
             text("patient")
         );
@@ -996,7 +1015,7 @@ mod tests {
             ..TranslateOptions::trusting()
         };
         let (units, _, _) = translate_owned(&s, &off, &BTreeSet::new(), &SiteOwners::new());
-        assert!(!units[0].text.contains("lb_try_duration"));
+        assert!(!units[0].text.contains("lb_try"));
     }
 
     #[test]

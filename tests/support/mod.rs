@@ -105,7 +105,7 @@ pub async fn wait_for_every<T, F, Fut>(
     what: &str,
     timeout: Duration,
     interval: Duration,
-    mut check: F,
+    check: F,
 ) -> T
 where
     F: FnMut() -> Fut,
