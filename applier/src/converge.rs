@@ -14,6 +14,7 @@
 //! others, and never empties Caddy.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use caddy_fleet_schema::caddyfile::Caddyfile;
 use caddy_fleet_schema::translate::{assemble, ContainerUnit};
@@ -35,7 +36,7 @@ pub struct RefusedByCaddy {
     /// not because Caddy could not load them.
     pub by_policy: bool,
     /// The blocks refused; the container is tried again once they change.
-    text: String,
+    text: Arc<str>,
 }
 
 /// What a convergence did.
@@ -55,12 +56,12 @@ pub struct Converger<C = CaddyAdmin> {
     /// The Caddyfile Caddy last accepted and its sentinel `@id`.
     pushed: Option<(String, String)>,
     /// (container ID, blocks) of every container in the accepted config.
-    accepted: BTreeSet<(String, String)>,
+    accepted: BTreeSet<(String, Arc<str>)>,
     /// Containers Caddy refused, by container ID.
     refused: BTreeMap<String, RefusedByCaddy>,
     /// Untrusted containers' blocks already adapted and checked, with the
     /// verdict (a reason when refused).
-    checked: BTreeMap<String, Option<String>>,
+    checked: BTreeMap<Arc<str>, Option<String>>,
     /// The `admin` block Caddy was running (read once, kept until Caddy is
     /// found to have lost the config): pushes do not ask again.
     running_admin: Option<Option<Value>>,
@@ -451,8 +452,8 @@ mod tests {
             agent: AgentId::new("a1").unwrap(),
             container: "c".into(),
             container_id: "id".into(),
-            text: file.marshal(),
-            file,
+            text: file.marshal().into(),
+            file: file.into(),
             trusted: false,
             proxies: Default::default(),
         }

@@ -29,6 +29,7 @@ use crate::caddy::CaddyApi;
 use crate::config::ApplierConfig;
 use crate::consumption::{Snapshot, StateHandle};
 use crate::converge::{Converger, Outcome};
+use crate::memory::MemoryTrim;
 use crate::policy::{self, PolicyWatch};
 use crate::status::{ContainerRef, RejectedView, StatusBoard};
 use crate::upstream_dns::{AnswerBoard, UpstreamAnswers};
@@ -59,6 +60,7 @@ pub async fn run<C: CaddyApi>(
         tracing::info!(patterns = ?shard.patterns(), "Serving only the sites these host patterns match (APPLIER_DOMAINS).");
         board.update(|v| v.shard = Some(shard.patterns().to_vec()));
     }
+    let mut trim = MemoryTrim::default();
     let mut health = tokio::time::interval(config.health_check_interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     health.reset();
@@ -107,6 +109,8 @@ pub async fn run<C: CaddyApi>(
             }
             let converged = !due && !handle.has_changed();
             publish_status(board, &snapshot, &units, outside, &converger, converged);
+            drop((snapshot, units));
+            trim.after_convergence();
             continue;
         }
         let retry_deadline = retry_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));

@@ -16,6 +16,7 @@
 //! - [`consumption`]: the consume → fold → checkpoint → ack task, which
 //!   hands snapshots of the state to [`convergence`]: the task that pushes
 //!   the newest state to Caddy as soon as the previous push ended.
+//! - [`memory`]: giving the memory a push freed back to the system.
 //! - [`upstream_dns`]: the DNS server Caddy's dynamic upstreams ask
 //!   (`UPSTREAMS=dynamic`), answering from the converged state.
 //! - [`run`]: both tasks joined; [`recover`]: checkpoint + the messages
@@ -29,6 +30,7 @@ pub mod consumption;
 pub mod converge;
 pub mod convergence;
 pub mod dashboard;
+pub mod memory;
 pub mod policy;
 mod reconcile;
 pub mod source;

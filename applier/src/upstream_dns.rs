@@ -395,16 +395,16 @@ mod tests {
             container: id.into(),
             container_id: id.into(),
             file: Default::default(),
-            text: String::new(),
+            text: "".into(),
             trusted: true,
-            proxies: ProxyModes {
+            proxies: std::sync::Arc::new(ProxyModes {
                 dynamic: vec![DynamicProxy {
                     site: "a.test".into(),
                     name: name.into(),
                     upstreams: upstreams.iter().map(|u| u.to_string()).collect(),
                 }],
                 kept_static: Vec::new(),
-            },
+            }),
         }
     }
 

@@ -102,24 +102,39 @@ impl DomainShard {
         for mut unit in units {
             let mut left: Vec<String> = Vec::new();
             let mut changed = false;
-            unit.file.blocks.retain_mut(|block| {
-                if !is_site(block) {
-                    return true;
-                }
-                let before = block.keys.len();
-                block.keys.retain(|address| {
-                    let served = self.serves_address(address.trim_end_matches(','));
-                    if !served {
-                        left.push(address.trim_end_matches(',').to_string());
-                    }
-                    served
-                });
-                if block.keys.len() != before {
-                    changed = true;
-                    normalise_commas(&mut block.keys);
-                }
-                !block.keys.is_empty()
+            // The blocks are shared with the translation cache: copied only
+            // for a unit that loses an address here.
+            let all_served = unit.file.blocks.iter().filter(|b| is_site(b)).all(|b| {
+                b.keys
+                    .iter()
+                    .all(|a| self.serves_address(a.trim_end_matches(',')))
             });
+            if all_served {
+                if unit.file.blocks.iter().any(is_site) {
+                    kept.push(unit);
+                }
+                continue;
+            }
+            std::sync::Arc::make_mut(&mut unit.file)
+                .blocks
+                .retain_mut(|block| {
+                    if !is_site(block) {
+                        return true;
+                    }
+                    let before = block.keys.len();
+                    block.keys.retain(|address| {
+                        let served = self.serves_address(address.trim_end_matches(','));
+                        if !served {
+                            left.push(address.trim_end_matches(',').to_string());
+                        }
+                        served
+                    });
+                    if block.keys.len() != before {
+                        changed = true;
+                        normalise_commas(&mut block.keys);
+                    }
+                    !block.keys.is_empty()
+                });
             if !left.is_empty() {
                 outside.push(OutsideShard {
                     agent: unit.agent.to_string(),
@@ -130,7 +145,7 @@ impl DomainShard {
             }
             if unit.file.blocks.iter().any(is_site) {
                 if changed {
-                    unit.text = unit.file.marshal();
+                    unit.text = unit.file.marshal().into();
                 }
                 kept.push(unit);
             }
@@ -186,8 +201,8 @@ mod tests {
             agent: AgentId::new("h1").expect("agent"),
             container: "web".into(),
             container_id: "c1".into(),
-            text: file.marshal(),
-            file,
+            text: file.marshal().into(),
+            file: file.into(),
             trusted: true,
             proxies: Default::default(),
         }
@@ -233,7 +248,7 @@ mod tests {
         let (kept, outside) = shard.keep(units);
         assert_eq!(kept.len(), 2);
         assert_eq!(kept[0].file.blocks[0].keys, ["a.test"]);
-        assert_eq!(kept[0].text, kept[0].file.marshal());
+        assert_eq!(*kept[0].text, kept[0].file.marshal());
         assert_eq!(kept[1], untouched);
         let left: Vec<&[String]> = outside.iter().map(|o| o.addresses.as_slice()).collect();
         assert_eq!(left, [["b.test".to_string()], ["b.test".to_string()]]);

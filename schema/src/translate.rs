@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::caddyfile::{proxy_matcher, Block, Caddyfile};
@@ -152,16 +153,18 @@ pub struct ContainerUnit {
     pub container: String,
     /// The container's ID.
     pub container_id: String,
-    /// Its blocks, upstreams resolved.
-    pub file: Caddyfile,
+    /// Its blocks, upstreams resolved. Shared with the translation cache
+    /// (a render copies no container's blocks), as are `text` and
+    /// `proxies`.
+    pub file: Arc<Caddyfile>,
     /// `file` marshalled: identifies what this container contributes.
-    pub text: String,
+    pub text: Arc<str>,
     /// Whether its agent is trusted with the full grammar; an untrusted
     /// container's adapted JSON is checked again before it is loaded.
     pub trusted: bool,
     /// Its handlers whose upstreams are looked up by DNS, with what it
     /// adds to each name's answer, and those kept static (dynamic mode).
-    pub proxies: ProxyModes,
+    pub proxies: Arc<ProxyModes>,
 }
 
 /// Translates every routable container of `state` whose agent is not in
@@ -206,10 +209,10 @@ pub fn translate_owned(
 /// text, and whether its agent is trusted.
 #[derive(Debug, Clone)]
 struct Translated {
-    file: Caddyfile,
-    text: String,
+    file: Arc<Caddyfile>,
+    text: Arc<str>,
     trusted: bool,
-    proxies: ProxyModes,
+    proxies: Arc<ProxyModes>,
 }
 
 /// A container's translation, or why it is refused, and the sequence of
@@ -271,10 +274,10 @@ fn translate_one(
         None => ProxyModes::default(),
     };
     Ok(Translated {
-        text: file.marshal(),
-        file,
+        text: file.marshal().into(),
+        file: Arc::new(file),
         trusted: grant.trusted,
-        proxies,
+        proxies: Arc::new(proxies),
     })
 }
 
@@ -483,7 +486,7 @@ pub fn assemble<'a>(
     units: impl IntoIterator<Item = &'a ContainerUnit>,
 ) -> Caddyfile {
     let mut file = base.cloned().unwrap_or_default();
-    file.merge_all(units.into_iter().map(|u| u.file.clone()));
+    file.merge_all(units.into_iter().map(|u| Caddyfile::clone(&u.file)));
     file
 }
 
@@ -996,7 +999,7 @@ mod tests {
                 .find(|u| u.container == name)
                 .unwrap()
                 .text
-                .clone()
+                .to_string()
         };
         assert_eq!(
             text("web"),
@@ -1051,7 +1054,7 @@ mod tests {
             units
                 .iter()
                 .find(|u| u.container == name)
-                .map(|u| u.text.clone())
+                .map(|u| u.text.to_string())
                 .unwrap()
         };
         assert_eq!(
