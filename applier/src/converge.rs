@@ -185,6 +185,18 @@ impl<C: CaddyApi> Converger<C> {
             .iter()
             .filter(|u| !self.refused.contains_key(&u.container_id))
             .collect();
+        // The same containers with the same blocks make the same text:
+        // nothing to merge or compare (with dynamic upstreams, a deploy
+        // that keeps its container, or any change of upstreams alone).
+        let unchanged = self.pushed.is_some()
+            && candidates.len() == self.accepted.len()
+            && candidates.iter().all(|u| {
+                self.accepted
+                    .contains(&(u.container_id.clone(), u.text.clone()))
+            });
+        if unchanged {
+            return Ok(Outcome::Unchanged);
+        }
         let file = assemble(self.base.as_ref(), candidates.iter().copied());
         let text = file.marshal();
         if let Some((pushed, sentinel)) = self.pushed.take_if(|(pushed, _)| pushed == &text) {

@@ -143,8 +143,9 @@ pub async fn run<C: CaddyApi>(
                 }
             }
             // Periodically: did the policy file change, does Caddy still
-            // run our config.
+            // run our config; memory a recent push freed goes back.
             _ = health.tick() => {
+                trim.if_pending();
                 if let Some(watch) = &mut policy_watch {
                     if watch.changed() && reload_policy(watch, &mut config) {
                         due = true;

@@ -8,7 +8,9 @@
 //! heap peaks near 180 MB and the process kept over 300 MiB). After a
 //! convergence the task asks the allocator to return every free page
 //! ([`MemoryTrim::after_convergence`]), at most once per
-//! [`MemoryTrim::EVERY`], on a blocking thread so the runtime goes on.
+//! [`MemoryTrim::EVERY`], on a blocking thread so the runtime goes on; a
+//! trim skipped for being too soon is done at the task's next health tick
+//! ([`MemoryTrim::if_pending`]), so memory does not wait for another push.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Default)]
 pub struct MemoryTrim {
     last: Option<Instant>,
+    /// A convergence freed memory since the last trim.
+    pending: bool,
 }
 
 impl MemoryTrim {
@@ -26,9 +30,17 @@ impl MemoryTrim {
     /// Gives free memory back to the system, unless that was done within
     /// [`Self::EVERY`].
     pub fn after_convergence(&mut self) {
-        if self.last.is_some_and(|at| at.elapsed() < Self::EVERY) {
+        self.pending = true;
+        self.if_pending();
+    }
+
+    /// Trims if a convergence freed memory since the last trim and that
+    /// was not within [`Self::EVERY`].
+    pub fn if_pending(&mut self) {
+        if !self.pending || self.last.is_some_and(|at| at.elapsed() < Self::EVERY) {
             return;
         }
+        self.pending = false;
         self.last = Some(Instant::now());
         drop(tokio::task::spawn_blocking(trim));
     }
