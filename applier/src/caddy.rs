@@ -138,26 +138,27 @@ impl CaddyAdmin {
 
     /// Adapts a Caddyfile to JSON without loading it.
     pub async fn adapt(&self, caddyfile: &str) -> Result<Value, CaddyError> {
-        let request = self
-            .http
-            .post(self.url("/adapt"))
-            .header("Content-Type", "text/caddyfile")
-            .body(caddyfile.to_string());
-        let response = self.send("the Caddyfile", request).await?;
-        let mut body: Value = self.json("adapt", response).await?;
-        Ok(body
-            .get_mut("result")
-            .map(Value::take)
-            .unwrap_or(Value::Null))
+        Ok(self.adapt_result(caddyfile).await?.unwrap_or(Value::Null))
     }
 
     /// Adapts a Caddyfile and keeps the answer's `result` as JSON text
     /// (`null` when there is none).
     pub async fn adapt_raw(&self, caddyfile: &str) -> Result<Box<RawValue>, CaddyError> {
-        /// Caddy's answer to `/adapt`; its warnings are not read.
+        Ok(self
+            .adapt_result(caddyfile)
+            .await?
+            .unwrap_or_else(|| RawValue::NULL.to_owned()))
+    }
+
+    /// The `result` of Caddy's `/adapt` of `caddyfile`, read as `T`; its
+    /// warnings are not read.
+    async fn adapt_result<T: serde::de::DeserializeOwned>(
+        &self,
+        caddyfile: &str,
+    ) -> Result<Option<T>, CaddyError> {
         #[derive(serde::Deserialize)]
-        struct Answer {
-            result: Option<Box<RawValue>>,
+        struct Answer<T> {
+            result: Option<T>,
         }
         let request = self
             .http
@@ -165,11 +166,8 @@ impl CaddyAdmin {
             .header("Content-Type", "text/caddyfile")
             .body(caddyfile.to_string());
         let response = self.send("the Caddyfile", request).await?;
-        let answer: Answer = self.json("adapt", response).await?;
-        match answer.result {
-            Some(result) => Ok(result),
-            None => Ok(RawValue::NULL.to_owned()),
-        }
+        let answer: Answer<T> = self.json("adapt", response).await?;
+        Ok(answer.result)
     }
 
     /// The running config's `admin` block, if any.
