@@ -319,9 +319,15 @@ impl Caddy {
 
     /// The last `lines` lines of Caddy's log that `keep` keeps (e.g. its
     /// errors: why a request got a 502).
+    ///
+    /// Read with `docker logs`: testcontainers' own log stream gives what
+    /// its start-up wait left, not the end of a running container's log.
     pub async fn log_lines(&self, keep: impl Fn(&str) -> bool, lines: usize) -> String {
-        let log = self.container.stderr_to_vec().await.unwrap_or_default();
-        let log = String::from_utf8_lossy(&log);
+        let log = Command::new("docker")
+            .args(["logs", self.container.id()])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stderr).into_owned())
+            .unwrap_or_else(|error| format!("(docker logs: {error})"));
         let kept: Vec<&str> = log.lines().filter(|l| keep(l)).collect();
         kept[kept.len().saturating_sub(lines)..].join("\n")
     }
