@@ -392,12 +392,7 @@ pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Box<RawValue>, Reas
         )
     })?;
     let mut out = String::with_capacity(skeleton.len() + server_routes.len() * 4096);
-    for (i, piece) in cut.pieces.iter().enumerate() {
-        out.push_str(piece);
-        if let Some(&n) = cut.holes.get(i) {
-            write_routes(&mut out, &server_routes[n]);
-        }
-    }
+    cut.write(&mut out, |out, n| write_routes(out, &server_routes[n]));
     RawValue::from_string(out).map_err(|error| {
         Reason::new(
             "composed-json",

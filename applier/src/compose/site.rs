@@ -38,8 +38,8 @@ pub struct GroupRef {
 /// numbers the whole config gives them between the pieces.
 #[derive(Debug, Clone, Default)]
 pub struct RouteText {
-    /// `pieces[i]` comes before `groups[i]`; one more piece than groups.
-    pieces: Vec<String>,
+    cut: text::Cut,
+    /// The groups, by hole number.
     groups: Vec<GroupRef>,
 }
 
@@ -54,33 +54,24 @@ impl RouteText {
         let json = list.to_string();
         let inner = json.strip_prefix('[')?.strip_suffix(']')?;
         let cut = text::cut(inner, "group", found.len())?;
-        let mut refs: Vec<Option<GroupRef>> = found.into_iter().map(|(_, g)| Some(g)).collect();
-        let groups = cut
-            .holes
-            .iter()
-            .map(|&n| refs.get_mut(n).and_then(Option::take))
-            .collect::<Option<Vec<GroupRef>>>()?;
         Some(RouteText {
-            pieces: cut.pieces,
-            groups,
+            cut,
+            groups: found.into_iter().map(|(_, group)| group).collect(),
         })
     }
 
     /// Whether the list has no route.
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty() && self.pieces.iter().all(String::is_empty)
+        self.groups.is_empty() && self.cut.pieces.iter().all(String::is_empty)
     }
 
     /// Writes the list's items, each group named by `number`.
     pub fn write(&self, out: &mut String, number: impl Fn(&GroupRef) -> u64) {
-        for (i, piece) in self.pieces.iter().enumerate() {
-            out.push_str(piece);
-            if let Some(group) = self.groups.get(i) {
-                out.push_str("\"group");
-                out.push_str(&number(group).to_string());
-                out.push('"');
-            }
-        }
+        self.cut.write(out, |out, n| {
+            out.push_str("\"group");
+            out.push_str(&number(&self.groups[n]).to_string());
+            out.push('"');
+        });
     }
 }
 

@@ -26,6 +26,18 @@ pub struct Cut {
     pub holes: Vec<usize>,
 }
 
+impl Cut {
+    /// Writes the text back, each hole filled by `fill` (given its number).
+    pub fn write(&self, out: &mut String, mut fill: impl FnMut(&mut String, usize)) {
+        for (i, piece) in self.pieces.iter().enumerate() {
+            out.push_str(piece);
+            if let Some(&n) = self.holes.get(i) {
+                fill(out, n);
+            }
+        }
+    }
+}
+
 /// Cuts `json`, serialized with holes `0..count` of `kind`, at each of
 /// them; `None` unless each appears exactly once.
 pub fn cut(json: &str, kind: &str, count: usize) -> Option<Cut> {
@@ -62,12 +74,7 @@ mod tests {
         let cut = cut(&text, "g", 2).unwrap();
         assert_eq!(cut.holes, vec![0, 1], "{text}");
         let mut refilled = String::new();
-        for (i, piece) in cut.pieces.iter().enumerate() {
-            refilled.push_str(piece);
-            if let Some(n) = cut.holes.get(i) {
-                refilled.push_str(&format!("\"v{n}\""));
-            }
-        }
+        cut.write(&mut refilled, |out, n| out.push_str(&format!("\"v{n}\"")));
         let back: Value = serde_json::from_str(&refilled).unwrap();
         assert_eq!(back, json!({"b": ["v1", {"x": "y"}], "a": "v0"}));
     }
