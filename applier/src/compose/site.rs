@@ -342,7 +342,7 @@ fn wrapper_parts(route: &Value) -> Option<(Vec<Value>, Vec<Value>)> {
 }
 
 /// Whether any route of the list has a host matcher of its own.
-pub fn has_host_matcher(routes: &[Value]) -> bool {
+fn has_host_matcher(routes: &[Value]) -> bool {
     routes.iter().any(|r| {
         r["match"]
             .as_array()
