@@ -246,6 +246,13 @@ pub struct Settings {
     #[serde(deserialize_with = "text::duration")]
     pub sync_interval: Duration,
 
+    /// Longest wait for a started container to accept connections on the
+    /// ports its labels proxy to before a publisher reports it anyway; `0s`
+    /// reports containers as soon as they start.
+    #[arg(long, env = "READY_TIMEOUT", global = true, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[serde(deserialize_with = "text::duration")]
+    pub ready_timeout: Duration,
+
     /// How often a publisher sends a heartbeat.
     #[arg(long, env = "HEARTBEAT_INTERVAL", global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     #[serde(deserialize_with = "text::duration")]
@@ -625,6 +632,7 @@ impl Settings {
         config.filter_label = self.agent_filter_label.clone();
         config.sync_interval = self.sync_interval;
         config.heartbeat_interval = self.heartbeat_interval;
+        config.ready_timeout = self.ready_timeout;
         Ok(config)
     }
 
@@ -1190,6 +1198,7 @@ mod tests {
         assert_eq!(s.stream_close_delay, Duration::from_secs(3600));
         assert_eq!(s.sync_interval, Duration::from_secs(300));
         assert_eq!(s.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(s.ready_timeout, Duration::from_secs(30));
         assert_eq!(s.stream_max_age, Duration::from_secs(7 * 86_400));
         assert_eq!(s.stream_replicas, 1);
         assert!(s.stream_owner);
@@ -1322,6 +1331,7 @@ upstream_dns_listen = "127.0.0.1:8053"
 upstream_dns_refresh = "1s"
 upstream_dns_grace = "5s"
 sync_interval = "5m"
+ready_timeout = "30s"
 heartbeat_interval = "10s"
 stream_max_age = "7d"
 stream_replicas = 1
@@ -1619,6 +1629,7 @@ log_format = "json"
                 ("HOST_IP", "10.0.0.7"),
                 ("DOCKER_LABEL_PREFIX", "fleet"),
                 ("SYNC_INTERVAL", "1m"),
+                ("READY_TIMEOUT", "0s"),
                 ("STREAM_CLOSE_DELAY", "90s"),
                 ("PROXY_TRY_DURATION", "0s"),
                 ("APPLIER_DOMAINS", "*.eu.test, eu.test"),
@@ -1639,6 +1650,7 @@ log_format = "json"
         assert_eq!(publisher.host_address, "10.0.0.7");
         assert_eq!(publisher.label_prefix, "fleet");
         assert_eq!(publisher.sync_interval, Duration::from_secs(60));
+        assert_eq!(publisher.ready_timeout, Duration::ZERO);
         let applier = s.applier_config(Some(&agent)).unwrap();
         assert_eq!(applier.name, "web-1");
         assert_eq!(

@@ -91,6 +91,11 @@ fn closed_idle_connection(error: &reqwest::Error) -> bool {
     false
 }
 
+/// How many times a request is sent again after a reload closed the
+/// connection it went out on: the client's pool may hold several
+/// connections the same reload closes.
+const RESENDS: usize = 3;
+
 /// Steady load on `host` through Caddy from `clients` loops, until `stop`
 /// (or a bound of 60 s and 100,000 requests).
 fn steady_load(
@@ -117,7 +122,10 @@ fn steady_load(
                         break;
                     }
                     let mut answer = client.get(&url).header("Host", &host).send().await;
-                    if answer.as_ref().is_err_and(closed_idle_connection) {
+                    for _ in 0..RESENDS {
+                        if !answer.as_ref().is_err_and(closed_idle_connection) {
+                            break;
+                        }
                         // Caddy closed an idle keep-alive connection as it
                         // reloaded, and this request raced it; browsers
                         // send such a request again, and so does the load.

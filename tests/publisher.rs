@@ -1,7 +1,8 @@
 //! The publisher on the real Docker engine and real NATS: the stream's
 //! last message per subject follows Docker's truth through every lifecycle
 //! step, filters keep agents apart, restarts re-sync, and a NATS outage
-//! loses nothing and duplicates nothing.
+//! loses nothing and duplicates nothing. A started container is reported
+//! once it listens on the ports its labels proxy to.
 
 mod support;
 
@@ -421,5 +422,100 @@ async fn a_recreated_container_with_new_labels_yields_new_facts() {
     );
     assert_eq!(new.name, name);
     let _ = AgentId::new(&agent).unwrap();
+    publisher.stop().await;
+}
+
+/// A Caddy container answering on `port` only, labeled to be proxied to
+/// container port `proxied`.
+async fn start_listening_on(
+    port: u16,
+    proxied: u16,
+    domain: &str,
+    filter: &str,
+) -> testcontainers::ContainerAsync<GenericImage> {
+    ensure_images();
+    let caddyfile =
+        format!("{{\n\tadmin off\n\tauto_https off\n}}\n:{port} {{\n\trespond \"{port}\"\n}}\n");
+    GenericImage::new(CADDY_IMAGE.0, CADDY_IMAGE.1)
+        .with_wait_for(WaitFor::message_on_stderr("serving initial configuration"))
+        .with_copy_to("/etc/caddy/Caddyfile", caddyfile.into_bytes())
+        .with_label("caddy", format!("http://{domain}"))
+        .with_label(
+            "caddy.reverse_proxy",
+            format!("{{{{upstreams {proxied}}}}}"),
+        )
+        .with_label("caddy-fleet-test", filter)
+        .start()
+        .await
+        .unwrap()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_container_is_reported_once_it_listens_on_its_proxied_port() {
+    const READY_TIMEOUT: Duration = Duration::from_secs(8);
+    let id = unique();
+    let agent = format!("ready-{id}");
+    let nats = Nats::start().await;
+    let stream = stream(&nats).await;
+    let publisher = start_publisher_tuned(&nats, &agent, &id, "127.0.0.1", true, |config| {
+        config.ready_timeout = READY_TIMEOUT;
+    });
+    let before_start_ms = now_ms();
+    // Labels that proxy to a port the container listens on, and labels
+    // that proxy to one it never opens.
+    let (listening_domain, deaf_domain) =
+        (format!("{id}.listening.test"), format!("{id}.deaf.test"));
+    let (listening, deaf) = tokio::join!(
+        start_listening_on(8080, 8080, &listening_domain, &id),
+        start_listening_on(8080, 9000, &deaf_domain, &id),
+    );
+    let running = |e: &Event| matches!(e, Event::Up(f) if f.state == ContainerState::Running);
+    wait_last(
+        &stream,
+        &agent,
+        listening.id(),
+        "the listening container",
+        running,
+    )
+    .await;
+    // The deaf one only once the wait is over, with a warning in the log.
+    let reported = wait_for(
+        "the deaf container, once READY_TIMEOUT is over",
+        READY_TIMEOUT + Duration::from_secs(30),
+        || async { last_event(&stream, &agent, deaf.id()).await.filter(running) },
+    )
+    .await;
+    let Event::Up(reported) = reported else {
+        unreachable!()
+    };
+    let waited_ms = READY_TIMEOUT.as_millis() as u64 - 100;
+    assert!(
+        reported.observed_at_ms >= before_start_ms + waited_ms,
+        "reported {} ms after the start began, before READY_TIMEOUT",
+        reported.observed_at_ms - before_start_ms
+    );
+    // Before it, nothing said it runs; the listening one came first.
+    let messages = all_messages(&stream).await;
+    let first_running = |container: &str| {
+        messages
+            .iter()
+            .find(|(_, _, e)| matches!(e, Event::Up(f) if f.id == container && f.state == ContainerState::Running))
+            .map(|(seq, _, _)| *seq)
+    };
+    assert!(first_running(listening.id()) < first_running(deaf.id()));
+    assert!(
+        messages
+            .iter()
+            .filter(|(_, _, e)| matches!(e, Event::Up(f) if f.id == deaf.id()))
+            .all(|(_, _, e)| matches!(e, Event::Up(f) if f.observed_at_ms >= before_start_ms + waited_ms)),
+        "the deaf container was reported before the wait was over"
+    );
     publisher.stop().await;
 }

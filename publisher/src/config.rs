@@ -19,6 +19,9 @@ pub struct PublisherConfig {
     pub sync_interval: Duration,
     /// How often a heartbeat is sent.
     pub heartbeat_interval: Duration,
+    /// Longest wait for a started container to listen before it is
+    /// reported anyway (`READY_TIMEOUT`); zero reports at once.
+    pub ready_timeout: Duration,
 }
 
 impl PublisherConfig {
@@ -31,6 +34,7 @@ impl PublisherConfig {
             filter_label: None,
             sync_interval: Duration::from_secs(300),
             heartbeat_interval: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -5,6 +5,10 @@
 //! between the two is seen by the events, then publishes every watched
 //! container and a `sync`. When the stream fails or ends, the loop waits
 //! ([`RetryPolicy::DOCKER`](caddy_fleet_nats::retry::RetryPolicy::DOCKER)) and starts a new session, which re-syncs.
+//!
+//! A started container's facts wait until it listens ([`crate::ready`]);
+//! its probe is a task of the watcher's, whose end the session hears
+//! like a Docker event.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -13,13 +17,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bollard::models::{EventMessage, EventMessageTypeEnum};
 use bollard::query_parameters::{EventsOptions, ListContainersOptionsBuilder};
 use bollard::Docker;
-use caddy_fleet_schema::{AgentSync, ContainerDown, ContainerState, Event, Heartbeat};
+use caddy_fleet_schema::{
+    AgentSync, ContainerDown, ContainerFacts, ContainerState, Event, Heartbeat,
+};
 use futures::StreamExt;
 
 use caddy_fleet_nats::retry::RetryPolicy;
 
 use crate::config::PublisherConfig;
 use crate::facts::{from_inspect, is_stop_intent, is_watched};
+use crate::ready::{wait_listening, ProbeTargets, Readiness};
 use crate::sink::EventSink;
 
 /// Events that can change what the applier should route: container
@@ -72,6 +79,9 @@ pub async fn run<S: EventSink>(
         config,
         known: BTreeSet::new(),
         stopping: BTreeMap::new(),
+        probing: BTreeMap::new(),
+        listening: BTreeMap::new(),
+        probes: tokio::task::JoinSet::new(),
     };
     let mut retry = RetryPolicy::DOCKER.start();
     loop {
@@ -114,6 +124,21 @@ struct Watcher {
     /// that was asked to stop: a container found started again (an event
     /// missed while the stream was down) is no longer stopping.
     stopping: BTreeMap<String, Option<String>>,
+    /// IDs of started containers held back until they listen, with the
+    /// `StartedAt` of the run being probed.
+    probing: BTreeMap<String, Option<String>>,
+    /// IDs of containers whose run (by `StartedAt`) was found listening,
+    /// or was let through without waiting.
+    listening: BTreeMap<String, Option<String>>,
+    /// The probes running, each ending with what it found.
+    probes: tokio::task::JoinSet<Probed>,
+}
+
+/// A probe's end, for the container run it was started for.
+struct Probed {
+    id: String,
+    started_at: Option<String>,
+    readiness: Readiness,
 }
 
 impl Watcher {
@@ -166,6 +191,7 @@ impl Watcher {
             }
         };
         let mut live = BTreeSet::new();
+        let mut watched = BTreeSet::new();
         for summary in listed {
             let (Some(id), Some(labels)) = (summary.id, summary.labels) else {
                 continue;
@@ -173,11 +199,14 @@ impl Watcher {
             if !is_watched(&labels, &self.config) {
                 continue;
             }
+            watched.insert(id.clone());
             if self.refresh(&id, sink).await? {
                 live.insert(id);
             }
         }
         self.stopping.retain(|id, _| live.contains(id));
+        self.probing.retain(|id, _| watched.contains(id));
+        self.listening.retain(|id, _| watched.contains(id));
         self.known = live;
         self.sync(sink).await?;
 
@@ -196,6 +225,10 @@ impl Watcher {
                     }
                     None => return Ok(()),
                 },
+                // A started container's probe ended: report it now.
+                Some(Ok(probed)) = self.probes.join_next(), if !self.probes.is_empty() => {
+                    self.on_probed(probed, sink).await?
+                }
                 // Liveness for the applier.
                 _ = heartbeat.tick() => self.heartbeat(sink).await?,
                 // Periodic full sync, in case anything was missed.
@@ -229,8 +262,11 @@ impl Watcher {
         let action = event.action.unwrap_or_default();
         tracing::debug!(container = %id, %action, "Docker event.");
         if matches!(action.as_str(), "die" | "start" | "destroy") {
-            // Stopped, or started again: whatever was asked is over.
+            // Stopped, or started again: whatever was asked is over, and
+            // whether the last run listened no longer says anything.
             self.stopping.remove(&id);
+            self.probing.remove(&id);
+            self.listening.remove(&id);
         }
         if action == "destroy" {
             if self.known.remove(&id) {
@@ -297,6 +333,13 @@ impl Watcher {
                     if facts.state == ContainerState::Running && self.stopping.contains_key(id) {
                         facts.state = ContainerState::Stopping;
                     }
+                    if facts.state == ContainerState::Running
+                        && self.held_until_listening(&facts, &started_at)
+                    {
+                        // Reported when its probe ends; until then the
+                        // applier keeps whatever it had of it.
+                        return Ok(self.known.contains(id));
+                    }
                     let up = Event::Up(facts);
                     if let Err(error) = up.check_bounds(&self.config.label_prefix) {
                         // The applier would refuse it: say so here, where
@@ -313,6 +356,8 @@ impl Watcher {
                 status_code: 404, ..
             }) => {
                 self.stopping.remove(id);
+                self.probing.remove(id);
+                self.listening.remove(id);
                 if self.known.remove(id) {
                     let down = Event::Down(ContainerDown {
                         agent: self.config.agent.clone(),
@@ -330,6 +375,77 @@ impl Watcher {
         }
     }
 
+    /// Whether the running `facts` wait for their container to listen: a
+    /// probe of this run is started if none is, unless the run was found
+    /// listening already or there is nothing to probe.
+    fn held_until_listening(
+        &mut self,
+        facts: &ContainerFacts,
+        started_at: &Option<String>,
+    ) -> bool {
+        let id = &facts.id;
+        if self.listening.get(id) == Some(started_at) {
+            return false;
+        }
+        if self.probing.get(id) == Some(started_at) {
+            return true;
+        }
+        let targets = ProbeTargets::of(facts, &self.config.label_prefix);
+        if self.config.ready_timeout.is_zero() || targets.is_empty() {
+            self.listening.insert(id.clone(), started_at.clone());
+            return false;
+        }
+        tracing::debug!(container = %id, ?targets, "Waiting until the container listens.");
+        self.probing.insert(id.clone(), started_at.clone());
+        let (id, started_at, timeout) = (id.clone(), started_at.clone(), self.config.ready_timeout);
+        self.probes.spawn(async move {
+            let readiness = wait_listening(targets, timeout).await;
+            Probed {
+                id,
+                started_at,
+                readiness,
+            }
+        });
+        true
+    }
+
+    /// Reports a container whose probe ended, if the probe is of its
+    /// current run.
+    async fn on_probed<S: EventSink>(
+        &mut self,
+        probed: Probed,
+        sink: &mut S,
+    ) -> Result<(), WatchError> {
+        let Probed {
+            id,
+            started_at,
+            readiness,
+        } = probed;
+        if self.probing.get(&id) != Some(&started_at) {
+            return Ok(());
+        }
+        self.probing.remove(&id);
+        match readiness {
+            Readiness::Listening => {
+                tracing::debug!(container = %id, "The container listens.")
+            }
+            Readiness::Unreachable => {
+                tracing::debug!(container = %id, "The container's addresses are unreachable from here; reporting it without waiting.")
+            }
+            Readiness::TimedOut { port } => tracing::warn!(
+                container = %id,
+                port,
+                timeout = ?self.config.ready_timeout,
+                "The container does not accept connections on a port its labels proxy to; reporting it anyway. Check the port in its labels, or raise READY_TIMEOUT if it starts slowly."
+            ),
+        }
+        self.listening.insert(id.clone(), started_at);
+        if self.refresh(&id, sink).await? {
+            self.known.insert(id);
+        }
+        Ok(())
+    }
+
     async fn heartbeat<S: EventSink>(&mut self, sink: &mut S) -> Result<(), WatchError> {
         let hb = Event::Heartbeat(Heartbeat {
             agent: self.config.agent.clone(),
@@ -342,7 +458,16 @@ impl Watcher {
         let sync = Event::Sync(AgentSync {
             agent: self.config.agent.clone(),
             host_address: self.config.host_address.clone(),
-            containers: self.known.iter().cloned().collect(),
+            // Containers being probed too: the applier keeps what it has
+            // of them (an earlier run's facts, a previous publisher's).
+            containers: self
+                .known
+                .iter()
+                .chain(self.probing.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .cloned()
+                .collect(),
             observed_at_ms: now_ms(),
         });
         if let Err(error) = sync.check_bounds(&self.config.label_prefix) {

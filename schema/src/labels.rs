@@ -11,7 +11,7 @@
 //! - Values are templates (`{{upstreams 80}}`), then split into tokens by
 //!   the Caddyfile lexer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::caddyfile::{is_representable, Block, Caddyfile, UNORDERED};
 use crate::lexer::tokenize;
@@ -154,6 +154,25 @@ impl Tree {
     }
 }
 
+/// The container ports the labels' `{{upstreams}}` actions ask for (`None`
+/// for `{{upstreams}}` without a port), in whatever labels render; labels
+/// that fail to translate name what they named before the failure. A
+/// publisher probes these before it reports a started container.
+pub fn upstream_ports(labels: &BTreeMap<String, String>, prefix: &str) -> BTreeSet<Option<u16>> {
+    /// Answers every `{{upstreams}}` with a placeholder and keeps the port.
+    struct Recorder(std::cell::RefCell<BTreeSet<Option<u16>>>);
+    impl Upstreams for Recorder {
+        fn resolve(&self, port: Option<u16>) -> Result<Vec<String>, String> {
+            self.0.borrow_mut().insert(port);
+            Ok(vec!["127.0.0.1".to_string()])
+        }
+    }
+    let recorder = Recorder(std::cell::RefCell::new(BTreeSet::new()));
+    // Only the ports are wanted: a label error is the applier's to report.
+    let _ = from_labels(labels, prefix, &recorder);
+    recorder.0.into_inner()
+}
+
 /// Translates the labels under `prefix` into a Caddyfile (unsorted; it is
 /// sorted when marshalled). Any bad label fails the whole container, as in
 /// caddy-docker-proxy.
@@ -245,6 +264,30 @@ pub fn parse_golden_labels(text: &str) -> BTreeMap<String, String> {
 mod tests {
     use super::*;
     use crate::template::FixedTargets;
+
+    #[test]
+    fn upstream_ports_are_what_the_templates_ask_for() {
+        let labels: BTreeMap<String, String> = [
+            ("caddy", "a.test"),
+            ("caddy.reverse_proxy", "{{upstreams 8080}}"),
+            ("caddy_1", "b.test"),
+            ("caddy_1.reverse_proxy", "/api* {{upstreams}}"),
+            ("other.reverse_proxy", "{{upstreams 9}}"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(
+            upstream_ports(&labels, "caddy"),
+            BTreeSet::from([None, Some(8080)])
+        );
+        let literal: BTreeMap<String, String> = [
+            ("caddy".to_string(), "c.test".to_string()),
+            ("caddy.respond".to_string(), "ok".to_string()),
+        ]
+        .into();
+        assert!(upstream_ports(&literal, "caddy").is_empty());
+    }
 
     #[test]
     fn prefix_rule_matches_cdp() {

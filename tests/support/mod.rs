@@ -457,12 +457,25 @@ pub fn start_publisher_with(
     host_address: &str,
     provision: bool,
 ) -> Running {
+    start_publisher_tuned(nats, agent, filter, host_address, provision, |_| {})
+}
+
+/// Like [`start_publisher_with`], with settings changed by `tune`.
+pub fn start_publisher_tuned(
+    nats: &Nats,
+    agent: &str,
+    filter: &str,
+    host_address: &str,
+    provision: bool,
+    tune: impl FnOnce(&mut PublisherConfig),
+) -> Running {
     let nats = nats.config();
     let mut config = PublisherConfig::new(AgentId::new(agent).expect("agent id"), host_address);
     config.filter_label = Some(FilterLabel {
         key: "caddy-fleet-test".into(),
         value: Some(filter.into()),
     });
+    tune(&mut config);
     Running::spawn(move |rx| async move {
         if provision {
             let client = caddy_fleet::nats::connect(&nats).await?;
