@@ -426,7 +426,8 @@ async fn a_recreated_container_with_new_labels_yields_new_facts() {
 }
 
 /// A Caddy container answering on `port` only, labeled to be proxied to
-/// container port `proxied`.
+/// container port `proxied`, which it publishes (so the publisher waits
+/// for it: only ports a container declares are waited for).
 async fn start_listening_on(
     port: u16,
     proxied: u16,
@@ -436,18 +437,19 @@ async fn start_listening_on(
     ensure_images();
     let caddyfile =
         format!("{{\n\tadmin off\n\tauto_https off\n}}\n:{port} {{\n\trespond \"{port}\"\n}}\n");
-    GenericImage::new(CADDY_IMAGE.0, CADDY_IMAGE.1)
-        .with_wait_for(WaitFor::message_on_stderr("serving initial configuration"))
-        .with_copy_to("/etc/caddy/Caddyfile", caddyfile.into_bytes())
-        .with_label("caddy", format!("http://{domain}"))
-        .with_label(
-            "caddy.reverse_proxy",
-            format!("{{{{upstreams {proxied}}}}}"),
-        )
-        .with_label("caddy-fleet-test", filter)
-        .start()
-        .await
-        .unwrap()
+    let request = || {
+        GenericImage::new(CADDY_IMAGE.0, CADDY_IMAGE.1)
+            .with_exposed_port(proxied.tcp())
+            .with_wait_for(WaitFor::message_on_stderr("serving initial configuration"))
+            .with_copy_to("/etc/caddy/Caddyfile", caddyfile.clone().into_bytes())
+            .with_label("caddy", format!("http://{domain}"))
+            .with_label(
+                "caddy.reverse_proxy",
+                format!("{{{{upstreams {proxied}}}}}"),
+            )
+            .with_label("caddy-fleet-test", filter)
+    };
+    start_retrying(request, "listening backend").await
 }
 
 fn now_ms() -> u64 {

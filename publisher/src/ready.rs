@@ -12,7 +12,10 @@
 //! accepts a TCP connection on every port its labels' `{{upstreams}}` ask
 //! for, at one of its network addresses, probed directly: the published
 //! port would not do, since docker-proxy accepts whether or not the
-//! container listens.
+//! container listens. Only ports the container declares (its image's
+//! `EXPOSE`, `--expose`, or published) are waited for: labels naming
+//! another port are most often a mistake the applier reports, and holding
+//! the container back would only delay that report.
 //!
 //! The wait is bounded and never worse than reporting at once:
 //! - a container that still refuses after `READY_TIMEOUT` is reported
@@ -50,10 +53,12 @@ pub struct ProbeTargets(pub Vec<(u16, Vec<SocketAddr>)>);
 
 impl ProbeTargets {
     /// The ports the labels' `{{upstreams}}` ask for (the only published
-    /// TCP port, or 80, for one written without a port) at each of the
-    /// container's network addresses. Empty when there is nothing to probe:
-    /// no `{{upstreams}}`, or no address.
-    pub fn of(facts: &ContainerFacts, label_prefix: &str) -> Self {
+    /// TCP port, or 80, for one written without a port) that the container
+    /// declares (`exposed`, as Docker spells them: `80/tcp`, or published),
+    /// at each of its network addresses. Empty when there is nothing to
+    /// probe: no `{{upstreams}}`, no declared port among them, or no
+    /// address.
+    pub fn of(facts: &ContainerFacts, label_prefix: &str, exposed: &[String]) -> Self {
         let addresses: Vec<IpAddr> = facts
             .networks
             .values()
@@ -72,9 +77,15 @@ impl ProbeTargets {
             1 => published.first().copied(),
             _ => None,
         };
+        let declared: BTreeSet<u16> = exposed
+            .iter()
+            .filter_map(|spec| spec.strip_suffix("/tcp")?.parse().ok())
+            .chain(published)
+            .collect();
         let ports: BTreeSet<u16> = upstream_ports(&facts.labels, label_prefix)
             .into_iter()
             .map(|port| port.or(only_published).unwrap_or(DEFAULT_PORT))
+            .filter(|port| declared.contains(port))
             .collect();
         ProbeTargets(
             ports
@@ -207,7 +218,7 @@ mod tests {
         );
         // Networks are keyed by name: net0, net1.
         assert_eq!(
-            ProbeTargets::of(&labelled, "caddy"),
+            ProbeTargets::of(&labelled, "caddy", &[]),
             ProbeTargets(vec![(8080, at(&ips, 8080))])
         );
         let portless = [
@@ -215,13 +226,32 @@ mod tests {
             ("caddy.reverse_proxy", "{{upstreams}}"),
         ];
         assert_eq!(
-            ProbeTargets::of(&facts(&portless, &[3000], &ips[..1]), "caddy"),
+            ProbeTargets::of(&facts(&portless, &[3000], &ips[..1]), "caddy", &[]),
             ProbeTargets(vec![(3000, at(&ips[..1], 3000))])
         );
+        // Not published (a local container): what the image exposes.
+        let exposed = ["80/tcp".to_string(), "53/udp".to_string()];
         assert_eq!(
-            ProbeTargets::of(&facts(&portless, &[], &ips[..1]), "caddy"),
+            ProbeTargets::of(&facts(&portless, &[], &ips[..1]), "caddy", &exposed),
             ProbeTargets(vec![(80, at(&ips[..1], 80))])
         );
+    }
+
+    #[test]
+    fn ports_the_container_does_not_declare_are_not_waited_for() {
+        let ips = ["172.18.0.2"];
+        let proxy = [
+            ("caddy", "a.test"),
+            ("caddy.reverse_proxy", "{{upstreams 8080}}"),
+        ];
+        assert!(ProbeTargets::of(&facts(&proxy, &[80], &ips), "caddy", &[]).is_empty());
+        let exposed = ["8080/udp".to_string()];
+        assert!(ProbeTargets::of(&facts(&proxy, &[], &ips), "caddy", &exposed).is_empty());
+        let portless = [
+            ("caddy", "a.test"),
+            ("caddy.reverse_proxy", "{{upstreams}}"),
+        ];
+        assert!(ProbeTargets::of(&facts(&portless, &[], &ips), "caddy", &[]).is_empty());
     }
 
     #[test]
@@ -230,9 +260,10 @@ mod tests {
             ("caddy", "a.test"),
             ("caddy.reverse_proxy", "{{upstreams 80}}"),
         ];
-        assert!(ProbeTargets::of(&facts(&proxy, &[80], &[]), "caddy").is_empty());
+        assert!(ProbeTargets::of(&facts(&proxy, &[80], &[]), "caddy", &[]).is_empty());
         let literal = [("caddy", "a.test"), ("caddy.respond", "ok")];
-        assert!(ProbeTargets::of(&facts(&literal, &[80], &["172.18.0.2"]), "caddy").is_empty());
+        let ips = ["172.18.0.2"];
+        assert!(ProbeTargets::of(&facts(&literal, &[80], &ips), "caddy", &[]).is_empty());
     }
 
     /// A free loopback port: bound, then released.

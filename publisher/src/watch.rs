@@ -333,8 +333,16 @@ impl Watcher {
                     if facts.state == ContainerState::Running && self.stopping.contains_key(id) {
                         facts.state = ContainerState::Stopping;
                     }
+                    let exposed = inspect
+                        .config
+                        .as_ref()
+                        .and_then(|c| c.exposed_ports.as_deref());
                     if facts.state == ContainerState::Running
-                        && self.held_until_listening(&facts, &started_at)
+                        && self.held_until_listening(
+                            &facts,
+                            &started_at,
+                            exposed.unwrap_or_default(),
+                        )
                     {
                         // Reported when its probe ends; until then the
                         // applier keeps whatever it had of it.
@@ -382,6 +390,7 @@ impl Watcher {
         &mut self,
         facts: &ContainerFacts,
         started_at: &Option<String>,
+        exposed: &[String],
     ) -> bool {
         let id = &facts.id;
         if self.listening.get(id) == Some(started_at) {
@@ -390,7 +399,7 @@ impl Watcher {
         if self.probing.get(id) == Some(started_at) {
             return true;
         }
-        let targets = ProbeTargets::of(facts, &self.config.label_prefix);
+        let targets = ProbeTargets::of(facts, &self.config.label_prefix, exposed);
         if self.config.ready_timeout.is_zero() || targets.is_empty() {
             self.listening.insert(id.clone(), started_at.clone());
             return false;

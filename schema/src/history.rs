@@ -62,7 +62,7 @@ pub fn change(
         return None;
     }
     let known = before.agents.get(event.agent());
-    let old = |id: &str| known.and_then(|a| a.containers.get(id)).map(|r| &r.facts);
+    let old = |id: &str| known.and_then(|a| a.containers.get(id)).map(|r| &*r.facts);
     match event {
         Event::Up(facts) => {
             let old = old(&facts.id);

@@ -14,6 +14,7 @@
 //! it would when only the last message of each subject survives.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,8 +49,9 @@ pub struct AgentRecord {
 pub struct ContainerRecord {
     /// Stream sequence of the `up` message these facts came from.
     pub seq: u64,
-    /// The facts.
-    pub facts: ContainerFacts,
+    /// The facts, shared: a snapshot of the state for a push copies no
+    /// container's facts.
+    pub facts: Arc<ContainerFacts>,
     /// False when a later `sync` of the agent did not list the container.
     pub listed: bool,
 }
@@ -71,7 +73,7 @@ impl RouteState {
                     facts.id.clone(),
                     ContainerRecord {
                         seq,
-                        facts: facts.clone(),
+                        facts: Arc::new(facts.clone()),
                         listed: true,
                     },
                 );

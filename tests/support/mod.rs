@@ -67,12 +67,41 @@ pub fn ensure_images() {
     *built = true;
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A TCP port free on every address a moment ago, for a server a test
+/// starts (Caddy's admin and HTTP ports on the host network).
+///
+/// It is taken below the kernel's ephemeral range, never from it (as a
+/// bind to port 0 would): Docker publishes containers' ports from that
+/// range, and on a busy machine it handed a port a test had just picked to
+/// another container before the test's Caddy bound it; Caddy's next config
+/// then failed to listen. Each call in a process gets another port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|low| *low > LOWEST + 1_000)
+        .unwrap_or(32_768);
+    let span = ephemeral_low - LOWEST;
+    // Processes running at once start at different places.
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        std::process::id().wrapping_mul(7_919)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+    });
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOWEST + seed.wrapping_add(n) % span) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {LOWEST}..{ephemeral_low}")
 }
 
 /// With `RUST_LOG` set, the in-process components' logs go to the test's
