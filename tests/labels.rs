@@ -297,6 +297,66 @@ async fn a_broken_container_is_reported_and_the_good_one_still_routed() {
     applier.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_whose_port_another_process_holds_is_served_once_it_is_free() {
+    let id = unique();
+    let (nats, caddy) = tokio::join!(Nats::start(), Caddy::start());
+    let (applier, board) = start_applier(&nats, &caddy, "taken");
+    let publisher = start_publisher(&nats, &format!("t-{id}"), &id, "127.0.0.1");
+    // Another process holds the site's port (Caddy runs on this host's
+    // network, so it binds the same port).
+    let port = free_port();
+    let holder = std::net::TcpListener::bind(("0.0.0.0", port)).expect("hold the port");
+    let site = format!("{id}.taken.test:{port}");
+    let labels = web_labels(&site, &id);
+    let backend = start_backend(&labels, "taken").await;
+    let refusal = wait_for(
+        "the container refused for its port",
+        Duration::from_secs(30),
+        || async {
+            board
+                .view()
+                .rejected
+                .into_iter()
+                .find(|r| r.container.container_id == backend.id() && r.by == "caddy")
+        },
+    )
+    .await;
+    assert!(
+        refusal.reason.contains("address already in use"),
+        "{refusal:?}"
+    );
+    // Free: tried again with the same labels, and served.
+    drop(holder);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/");
+    wait_for(
+        "the site served once its port is free",
+        Duration::from_secs(60),
+        || async {
+            let response = client.get(&url).header("Host", &site).send().await.ok()?;
+            let body = response.text().await.ok()?;
+            (body == "taken").then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !board
+            .view()
+            .rejected
+            .iter()
+            .any(|r| r.container.container_id == backend.id()),
+        "{:?}",
+        board.view().rejected
+    );
+    publisher.stop().await;
+    applier.stop().await;
+}
+
 /// Tokens that break naive quoting, marshalled by us and read by Caddy's
 /// own `/adapt`: each stays one argument of its `respond` line, on the one
 /// site that was written, so no label value can add a site or an option.

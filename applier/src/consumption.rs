@@ -112,7 +112,7 @@ pub async fn run<S: LogSource, C: CheckpointStore>(
     tokio::pin!(shutdown);
     let stats = &board.stats;
     // Agents are given a full TTL from start before they can expire.
-    let mut liveness = Liveness::new(&state);
+    let mut liveness = Liveness::new(&state, config.tick);
     let mut unsaved = Unsaved {
         saved_seq: state.last_seq,
         ..Unsaved::default()
@@ -280,35 +280,53 @@ struct Liveness {
     expired: BTreeSet<AgentId>,
     /// When the log was last looked at ([`Liveness::looked`]).
     last_look: Instant,
+    /// How it stood then.
+    last_health: LogHealth,
+    /// The most of one gap between looks that counts as silence: twice
+    /// the look interval.
+    counted: Duration,
 }
 
 impl Liveness {
-    fn new(state: &RouteState) -> Self {
+    fn new(state: &RouteState, look_interval: Duration) -> Self {
         let now = Instant::now();
         Liveness {
             heard: state.agents.keys().map(|a| (a.clone(), now)).collect(),
             expired: BTreeSet::new(),
             last_look: now,
+            last_health: LogHealth {
+                answers: true,
+                waiting: Vec::new(),
+            },
+            counted: look_interval * 2,
         }
     }
 
-    /// The log was looked at now and stood as `health` says: the time
-    /// since the last look does not count as any agent's silence when it
-    /// did not answer, nor as the silence of an agent it was not sourcing.
+    /// The log was looked at now and stood as `health` says. The time
+    /// since the last look counts as an agent's silence only when the log
+    /// answered, and sourced the agent, at both looks, and only up to
+    /// [`Liveness::counted`]: looks can be far apart (the loop waits on a
+    /// checkpoint write while NATS is down, and the first look after it
+    /// may find the log back), and what happened in between is not known.
     fn looked(&mut self, health: &LogHealth) {
         let now = Instant::now();
         let gap = now.duration_since(self.last_look);
-        let pause = |heard: &mut Instant| *heard = (*heard + gap).min(now);
-        if !health.answers {
-            self.heard.values_mut().for_each(pause);
+        let unknown = if health.answers && self.last_health.answers {
+            gap.saturating_sub(self.counted)
         } else {
-            for agent in &health.waiting {
-                if let Some(heard) = self.heard.get_mut(agent) {
-                    pause(heard);
-                }
+            gap
+        };
+        let pause = |heard: &mut Instant, by: Duration| *heard = (*heard + by).min(now);
+        self.heard
+            .values_mut()
+            .for_each(|heard| pause(heard, unknown));
+        for agent in health.waiting.iter().chain(&self.last_health.waiting) {
+            if let Some(heard) = self.heard.get_mut(agent) {
+                pause(heard, gap);
             }
         }
         self.last_look = now;
+        self.last_health = health.clone();
     }
 
     fn heard(&mut self, agent: AgentId) {

@@ -12,14 +12,22 @@
 //! until every refused container is found; each is left out with Caddy's
 //! reason, and the rest is pushed. One bad container never blocks the
 //! others, and never empties Caddy.
+//!
+//! A refusal because Caddy could not open a listener (a port another
+//! process holds) may not be the container's fault and may not last: such
+//! a container is tried again after a backoff ([`LISTEN_RETRY`]) with the
+//! same blocks, instead of waiting for them to change.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
+use caddy_fleet_nats::retry::RetryPolicy;
 use caddy_fleet_schema::caddyfile::Caddyfile;
 use caddy_fleet_schema::translate::{assemble, ContainerUnit};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::caddy::{CaddyAdmin, CaddyApi, CaddyError};
 use crate::compose::{Composed, Composer, Reason};
@@ -37,6 +45,27 @@ pub struct RefusedByCaddy {
     pub by_policy: bool,
     /// The blocks refused; the container is tried again once they change.
     text: Arc<str>,
+    /// When Caddy could not listen for it: when it is tried again anyway,
+    /// and how many times in a row that happened.
+    listen_retry: Option<(Instant, u32)>,
+}
+
+impl RefusedByCaddy {
+    /// Whether it stays out of the config at `now`.
+    fn holds(&self, now: Instant) -> bool {
+        self.listen_retry.is_none_or(|(at, _)| now < at)
+    }
+}
+
+/// Backoff for a container refused because Caddy could not open a
+/// listener: a port held for a moment (a restarting process, another
+/// server starting) is tried again soon, one held for good rarely.
+pub const LISTEN_RETRY: RetryPolicy =
+    RetryPolicy::new(Duration::from_secs(5), Duration::from_secs(300));
+
+/// Whether Caddy's words say it could not open a listener.
+fn is_listen_failure(reason: &str) -> bool {
+    reason.contains("address already in use")
 }
 
 /// What a convergence did.
@@ -181,9 +210,15 @@ impl<C: CaddyApi> Converger<C> {
                 self.refuse_as(unit, reason, true);
             }
         }
+        let now = Instant::now();
         let candidates: Vec<&ContainerUnit> = units
             .iter()
-            .filter(|u| !self.refused.contains_key(&u.container_id))
+            .filter(|u| {
+                !self
+                    .refused
+                    .get(&u.container_id)
+                    .is_some_and(|r| r.holds(now))
+            })
             .collect();
         // The same containers with the same blocks make the same text:
         // nothing to merge or compare (with dynamic upstreams, a deploy
@@ -278,12 +313,18 @@ impl<C: CaddyApi> Converger<C> {
         }
         let (text, sentinel) = match loaded {
             Some(loaded) => loaded,
-            // Every suspect was refused: push what was accepted before.
+            // Every suspect was refused: push what was accepted before,
+            // unless that is what Caddy runs.
             None => {
                 let file = assemble(self.base.as_ref(), good.iter().copied());
                 let text = file.marshal();
-                let sentinel = self.try_push(&file, &text).await?;
-                (text, sentinel)
+                match self.pushed.take_if(|(pushed, _)| pushed == &text) {
+                    Some(running) => running,
+                    None => {
+                        let sentinel = self.try_push(&file, &text).await?;
+                        (text, sentinel)
+                    }
+                }
             }
         };
         self.accept(&good, text, sentinel);
@@ -295,6 +336,18 @@ impl<C: CaddyApi> Converger<C> {
     }
 
     fn refuse_as(&mut self, unit: &ContainerUnit, reason: String, by_policy: bool) {
+        let listen_retry = (!by_policy && is_listen_failure(&reason)).then(|| {
+            let failures = match self.refused.get(&unit.container_id) {
+                Some(RefusedByCaddy {
+                    listen_retry: Some((_, failures)),
+                    text,
+                    ..
+                }) if text == &unit.text => failures.saturating_add(1),
+                _ => 1,
+            };
+            let delay = LISTEN_RETRY.nth_delay(failures as usize);
+            (Instant::now() + delay, failures)
+        });
         if by_policy {
             tracing::warn!(agent = %unit.agent, container = %unit.container, container_id = %unit.container_id,
                 %reason, "This container's blocks adapt to more than its agent may have; it is left out.");
@@ -311,8 +364,18 @@ impl<C: CaddyApi> Converger<C> {
                 reason,
                 by_policy,
                 text: unit.text.clone(),
+                listen_retry,
             },
         );
+    }
+
+    /// When a container Caddy could not listen for is due to be tried
+    /// again: the convergence task pushes then.
+    pub fn refused_retry_at(&self) -> Option<Instant> {
+        self.refused
+            .values()
+            .filter_map(|r| r.listen_retry.map(|(at, _)| at))
+            .min()
     }
 
     fn accept(&mut self, units: &[&ContainerUnit], text: String, sentinel: String) {
@@ -320,6 +383,10 @@ impl<C: CaddyApi> Converger<C> {
             .iter()
             .map(|u| (u.container_id.clone(), u.text.clone()))
             .collect();
+        // Tried again and loaded: no longer refused.
+        let accepted = &self.accepted;
+        self.refused
+            .retain(|id, r| !accepted.contains(&(id.clone(), r.text.clone())));
         self.pushed = Some((text, sentinel));
     }
 

@@ -114,6 +114,7 @@ pub async fn run<C: CaddyApi>(
             continue;
         }
         let retry_deadline = retry_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let refused_retry = converger.refused_retry_at();
         tokio::select! {
             // The state changed: push it (at once, or when the retry is due).
             alive = handle.changed() => {
@@ -134,6 +135,11 @@ pub async fn run<C: CaddyApi>(
             // A failed push is due again.
             () = tokio::time::sleep_until(retry_deadline), if retry_at.is_some() => {
                 retry_at = None;
+            }
+            // A container Caddy could not listen for is due to be tried
+            // again (once: a push already due tries it).
+            () = tokio::time::sleep_until(refused_retry.unwrap_or(retry_deadline)), if refused_retry.is_some() && !due => {
+                due = true;
             }
             // SIGHUP: re-read the policy now.
             Some(()) = hangups.recv() => {

@@ -652,6 +652,67 @@ async fn an_agent_whose_facts_wait_unsourced_does_not_expire_and_expires_once_th
     applier.stop().await;
 }
 
+/// Checkpoints that wait while `held` is set, as a write does while NATS
+/// has no majority.
+#[derive(Clone, Default)]
+struct Held(Arc<std::sync::atomic::AtomicBool>);
+
+impl CheckpointStore for Held {
+    async fn load(&self) -> Result<Option<RouteState>, CheckpointError> {
+        Ok(None)
+    }
+    async fn save(&self, _: &RouteState) -> Result<(), CheckpointError> {
+        while self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_the_loop_waited_through_is_no_silence_when_the_log_is_back() {
+    let caddy = FakeCaddy::default();
+    let answers = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (log, deliveries) = mpsc::channel(1024);
+    let source = OutageSource {
+        deliveries,
+        answers: answers.clone(),
+        waiting: Default::default(),
+    };
+    let held = Held::default();
+    let mut applier = Applier::start_on(source, log, &caddy, held.clone(), |c| {
+        c.agent_ttl = Some(Duration::from_secs(8));
+        c.checkpoint_every = 1;
+    });
+    applier.send(&up("quiet", "q", 8080)).await;
+    until(Duration::from_secs(1), || {
+        caddy.last_loaded().contains("q.test")
+    })
+    .await;
+    // The log loses its majority, and the next checkpoint write waits
+    // through the whole outage: no look at the log in between.
+    answers.store(false, std::sync::atomic::Ordering::SeqCst);
+    held.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    applier.send(&up("other", "o", 8081)).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // Back: the write ends, and the first look finds the log answering.
+    answers.store(true, std::sync::atomic::Ordering::SeqCst);
+    held.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    let back = Instant::now();
+    until(Duration::from_secs(30), || {
+        !caddy.last_loaded().contains("q.test")
+    })
+    .await;
+    // It expires later, not at once: of the 20 s without a look, at most
+    // twice the look interval (2 s here) counts as silence.
+    let silent = back.elapsed();
+    assert!(
+        silent >= Duration::from_secs(3),
+        "expired {silent:?} after the log was back"
+    );
+    applier.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_nats_that_never_answers_holds_shutdown_at_most_its_bound() {
     let caddy = FakeCaddy::default();
