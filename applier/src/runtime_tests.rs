@@ -303,6 +303,14 @@ async fn until(within: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// How long from now until `site` is gone from the config Caddy runs
+/// (at most `within`).
+async fn time_until_gone(caddy: &FakeCaddy, site: &str, within: Duration) -> Duration {
+    let since = Instant::now();
+    until(within, || !caddy.last_loaded().contains(site)).await;
+    since.elapsed()
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_first_change_after_a_quiet_period_is_pushed_at_once() {
     let caddy = FakeCaddy::default();
@@ -587,12 +595,7 @@ async fn an_outage_of_the_log_expires_no_agent_and_silence_after_it_still_does()
     // The log answers again and the agent stays silent: it expires one TTL
     // of answering log later (within a tick or two), not before.
     answers.store(true, std::sync::atomic::Ordering::SeqCst);
-    let back = Instant::now();
-    until(Duration::from_secs(40), || {
-        !caddy.last_loaded().contains("q.test")
-    })
-    .await;
-    let silent = back.elapsed();
+    let silent = time_until_gone(&caddy, "q.test", Duration::from_secs(40)).await;
     assert!(
         silent >= Duration::from_secs(20),
         "expired {silent:?} after the log came back"
@@ -639,12 +642,7 @@ async fn an_agent_whose_facts_wait_unsourced_does_not_expire_and_expires_once_th
     );
     // Its sourcing flows again and it stays silent: it expires a TTL later.
     waiting.lock().unwrap().clear();
-    let flowing = Instant::now();
-    until(Duration::from_secs(40), || {
-        !caddy.last_loaded().contains("s.test")
-    })
-    .await;
-    let silent = flowing.elapsed();
+    let silent = time_until_gone(&caddy, "s.test", Duration::from_secs(40)).await;
     assert!(
         silent >= Duration::from_secs(20),
         "expired {silent:?} after its sourcing flowed again"
@@ -698,14 +696,9 @@ async fn an_outage_the_loop_waited_through_is_no_silence_when_the_log_is_back() 
     // Back: the write ends, and the first look finds the log answering.
     answers.store(true, std::sync::atomic::Ordering::SeqCst);
     held.0.store(false, std::sync::atomic::Ordering::SeqCst);
-    let back = Instant::now();
-    until(Duration::from_secs(30), || {
-        !caddy.last_loaded().contains("q.test")
-    })
-    .await;
     // It expires later, not at once: of the 20 s without a look, at most
     // twice the look interval (2 s here) counts as silence.
-    let silent = back.elapsed();
+    let silent = time_until_gone(&caddy, "q.test", Duration::from_secs(30)).await;
     assert!(
         silent >= Duration::from_secs(3),
         "expired {silent:?} after the log was back"
