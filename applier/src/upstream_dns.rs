@@ -166,6 +166,10 @@ pub enum DnsError {
     },
 }
 
+/// How many ports `UpstreamDns::bind` picks at most for an address with
+/// port 0.
+const ANY_PORT_PICKS: u32 = 64;
+
 /// The server, bound and not yet serving.
 pub struct UpstreamDns {
     server: Server<Handler>,
@@ -187,13 +191,31 @@ impl UpstreamDns {
                 source,
             }
         };
-        let udp = tokio::net::UdpSocket::bind(listen)
-            .await
-            .map_err(bind_error("udp"))?;
-        let local = udp.local_addr().map_err(bind_error("udp"))?;
-        let tcp = tokio::net::TcpListener::bind(local)
-            .await
-            .map_err(bind_error("tcp"))?;
+        // With port 0 the UDP port is the system's pick, and a TCP socket
+        // may hold the same number (a busy host has thousands of
+        // connections in that range): pick again.
+        let mut picks = if listen.port() == 0 {
+            ANY_PORT_PICKS
+        } else {
+            1
+        };
+        let (udp, local, tcp) = loop {
+            picks -= 1;
+            let udp = tokio::net::UdpSocket::bind(listen)
+                .await
+                .map_err(bind_error("udp"))?;
+            let local = udp.local_addr().map_err(bind_error("udp"))?;
+            match tokio::net::TcpListener::bind(local).await {
+                Ok(tcp) => break (udp, local, tcp),
+                Err(error) if error.kind() == std::io::ErrorKind::AddrInUse && picks > 0 => {
+                    tracing::debug!(
+                        port = local.port(),
+                        "The port picked for UDP is taken for TCP; picking another."
+                    );
+                }
+                Err(error) => return Err(bind_error("tcp")(error)),
+            }
+        };
         let mut server = Server::new(Handler {
             zone: board.zone.subscribe(),
             queries,
