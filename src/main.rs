@@ -15,6 +15,13 @@ use caddy_fleet::schema::history::HistoryFilter;
 use caddy_fleet::settings::{LogFormat, Mode, Settings, SettingsError};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
+/// mimalloc, not glibc's malloc: a push allocates in proportion to the
+/// fleet and frees it all, interleaved with what the applier keeps, and
+/// glibc kept most of those pages (at 10,000 routes the applier stayed
+/// near twice its live heap even with `malloc_trim` after each push).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// One Caddy front door for a fleet of plain Docker hosts, driven by container labels.
 ///
 /// Every setting comes, in this order of precedence, from a --flag, its

@@ -11,6 +11,12 @@
 //! [`MemoryTrim::EVERY`], on a blocking thread so the runtime goes on; a
 //! trim skipped for being too soon is done at the task's next health tick
 //! ([`MemoryTrim::if_pending`]), so memory does not wait for another push.
+//!
+//! The `caddy-fleet` binary allocates with mimalloc, which returns freed
+//! pages by itself and fragments less (at 10,000 routes the applier's
+//! resident memory fell from 172 to 134 MiB); the trim then only covers
+//! what C code allocates with glibc, and keeps an embedding of this crate
+//! on the system allocator (the tests) from holding its peak.
 
 use std::time::{Duration, Instant};
 
