@@ -540,6 +540,25 @@ struct OutageSource {
     waiting: Arc<std::sync::Mutex<Vec<AgentId>>>,
 }
 
+impl OutageSource {
+    /// A log that answers and sources every agent; the sender feeds it,
+    /// and the switch says whether it answers.
+    fn answering() -> (
+        Self,
+        mpsc::Sender<Delivery>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let answers = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (log, deliveries) = mpsc::channel(1024);
+        let source = OutageSource {
+            deliveries,
+            answers: answers.clone(),
+            waiting: Default::default(),
+        };
+        (source, log, answers)
+    }
+}
+
 impl crate::source::LogSource for OutageSource {
     async fn next(&mut self) -> Option<Delivery> {
         self.deliveries.recv().await
@@ -562,13 +581,7 @@ impl crate::source::LogSource for OutageSource {
 #[tokio::test(start_paused = true)]
 async fn an_outage_of_the_log_expires_no_agent_and_silence_after_it_still_does() {
     let caddy = FakeCaddy::default();
-    let answers = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (log, deliveries) = mpsc::channel(1024);
-    let source = OutageSource {
-        deliveries,
-        answers: answers.clone(),
-        waiting: Default::default(),
-    };
+    let (source, log, answers) = OutageSource::answering();
     let mut applier = Applier::start_on(source, log, &caddy, Saved::default(), |c| {
         c.agent_ttl = Some(Duration::from_secs(30));
     });
@@ -670,13 +683,7 @@ impl CheckpointStore for Held {
 #[tokio::test(start_paused = true)]
 async fn an_outage_the_loop_waited_through_is_no_silence_when_the_log_is_back() {
     let caddy = FakeCaddy::default();
-    let answers = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (log, deliveries) = mpsc::channel(1024);
-    let source = OutageSource {
-        deliveries,
-        answers: answers.clone(),
-        waiting: Default::default(),
-    };
+    let (source, log, answers) = OutageSource::answering();
     let held = Held::default();
     let mut applier = Applier::start_on(source, log, &caddy, held.clone(), |c| {
         c.agent_ttl = Some(Duration::from_secs(8));
