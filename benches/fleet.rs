@@ -7,8 +7,12 @@
 //! route: every synthetic container is published at the port of one of two
 //! real loopback backends, so every site answers), then measures:
 //!
-//! - `load_floor_s`: a bare forced `/load` of the config Caddy runs;
-//! - `new_site_served_s_p50`: a new site's `up` published → served;
+//! - `load_floor_s`: a bare forced `/load` of the config Caddy runs (the
+//!   median of three before the measures and one before each new site,
+//!   those with a client polling as for the new site);
+//! - `new_site_served_s_p50`: a new site's `up` published → served, with
+//!   every applier idle before it; `new_site_over_floor_s_p50`: each new
+//!   site's time minus a floor measured just before it;
 //! - `upstream_change_served_s_p50`: a site's upstream moved to the other
 //!   backend → answered by it, and `caddy_loads_during_upstream_changes`
 //!   (Caddy's own admin log counts its `/load`s);
@@ -38,6 +42,9 @@ use caddy_fleet::nats::async_nats::jetstream::message::PublishMessage;
 use caddy_fleet::schema::{ContainerState, Event};
 use clap::Parser;
 use support::*;
+
+/// New sites measured, one at a time.
+const NEW_SITES: usize = 7;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -105,18 +112,50 @@ fn percentile(mut values: Vec<f64>, p: f64) -> f64 {
 
 /// Waits until a GET for `host` through `caddy` answers `body`; returns
 /// how long it took from `since`.
+/// A client for polling: no idle connection is kept (one would hold a
+/// server Caddy is shutting down in a reload).
+fn poller() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(3))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+}
+
 async fn served(caddy: &Caddy, host: &str, body: &str, since: Instant) -> f64 {
+    let client = poller();
     // Checked every 5 ms: the resolution of the figure.
     wait_for_every(
         &format!("{host} to answer {body:?}"),
         Duration::from_secs(120),
         Duration::from_millis(5),
         || async {
-            matches!(caddy.get(host).await, Some((200, text)) if text == body).then_some(())
+            matches!(caddy.get_with(&client, host).await, Some((200, text)) if text == body)
+                .then_some(())
         },
     )
     .await;
     since.elapsed().as_secs_f64()
+}
+
+/// A bare forced `/load` of the config Caddy runs while a client polls
+/// `host` as [`served`] does: the floor a new site is compared with
+/// (the polling costs Caddy's load a little on two cores).
+async fn polled_floor(caddy: &Caddy, host: &str) -> f64 {
+    let client = poller();
+    let polling = async {
+        loop {
+            let _ = caddy.get_with(&client, host).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        // The floor, once the load is answered.
+        floors = load_floor(caddy, 1) => floors[0],
+        // Polls until then; never ends.
+        () = polling => unreachable!("polling never ends"),
+    }
 }
 
 /// How many `/load`s Caddy's admin API has received (its own log).
@@ -281,10 +320,22 @@ async fn bench(args: Args) {
         )
     };
 
-    // New sites.
+    // New sites, one at a time with every applier idle (caught up with
+    // the log and its status published), each beside a floor measured just
+    // before it, with the same polling: Caddy's load time drifts by a good
+    // part of a second over a run on this machine, so each new site is
+    // compared with its own.
     let mut new_site = Vec::new();
-    for n in 0..5 {
+    let mut new_site_over_floor = Vec::new();
+    let mut floors = floors;
+    for n in 0..NEW_SITES {
+        let last = log.info().await.expect("log info").state.last_sequence;
+        for applier in &appliers {
+            applier.caught_up(last, Duration::from_secs(600)).await;
+        }
         let domain = format!("new{n}-a0.s0.fleet.test");
+        let floor = polled_floor(caddy, &domain).await;
+        floors.push(floor);
         let started = Instant::now();
         publish_batched(
             &js,
@@ -292,7 +343,9 @@ async fn bench(args: Args) {
             &format!("new{n}"),
         )
         .await;
-        new_site.push(served(caddy, &domain, "alpha", started).await);
+        let took = served(caddy, &domain, "alpha", started).await;
+        new_site.push(took);
+        new_site_over_floor.push(took - floor);
     }
 
     // Upstream changes of one site, alternating backends.
@@ -426,6 +479,7 @@ async fn bench(args: Args) {
         "upstreams": args.upstreams,
         "load_floor_s": percentile(floors, 0.5),
         "new_site_served_s_p50": percentile(new_site, 0.5),
+        "new_site_over_floor_s_p50": percentile(new_site_over_floor, 0.5),
         "upstream_change_served_s_p50": percentile(upstream_change, 0.5),
         "caddy_loads_during_upstream_changes": loads_during_changes,
         "lag_s_max": lags.iter().copied().fold(0.0, f64::max),

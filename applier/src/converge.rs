@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caddy_fleet_nats::retry::RetryPolicy;
-use caddy_fleet_schema::caddyfile::Caddyfile;
-use caddy_fleet_schema::translate::{assemble, ContainerUnit};
+use caddy_fleet_schema::caddyfile::{Caddyfile, MarshaledBlock};
+use caddy_fleet_schema::translate::{assemble_marshaled, ContainerUnit};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -80,7 +80,7 @@ pub enum Outcome {
 /// The applier's view of Caddy.
 pub struct Converger<C = CaddyAdmin> {
     caddy: C,
-    base: Option<Caddyfile>,
+    base: Option<Arc<Caddyfile>>,
     sentinel_prefix: String,
     /// The Caddyfile Caddy last accepted and its sentinel `@id`.
     pushed: Option<(String, String)>,
@@ -98,6 +98,9 @@ pub struct Converger<C = CaddyAdmin> {
     composer: Composer,
     /// How the configs tried since the last report were made.
     report: ComposeReport,
+    /// How long the last Caddyfile took to assemble and write (logged with
+    /// the push).
+    assembled_in: Duration,
 }
 
 /// How the configs a convergence tried were made.
@@ -119,7 +122,7 @@ impl<C: CaddyApi> Converger<C> {
     pub fn new(caddy: C, base: Option<Caddyfile>, applier: &str) -> Self {
         Converger {
             caddy,
-            base,
+            base: base.map(Arc::new),
             sentinel_prefix: format!("caddy-fleet-{applier}"),
             pushed: None,
             accepted: BTreeSet::new(),
@@ -128,6 +131,7 @@ impl<C: CaddyApi> Converger<C> {
             running_admin: None,
             composer: Composer::new(),
             report: ComposeReport::default(),
+            assembled_in: Duration::ZERO,
         }
     }
 
@@ -232,8 +236,10 @@ impl<C: CaddyApi> Converger<C> {
         if unchanged {
             return Ok(Outcome::Unchanged);
         }
-        let file = assemble(self.base.as_ref(), candidates.iter().copied());
-        let text = file.marshal();
+        let assembling = std::time::Instant::now();
+        let base = self.base.clone();
+        let (blocks, text) = assembled(base.as_deref(), &candidates);
+        self.assembled_in = assembling.elapsed();
         if let Some((pushed, sentinel)) = self.pushed.take_if(|(pushed, _)| pushed == &text) {
             // Caddy runs this text already; the containers making it may
             // differ (with dynamic upstreams a deploy keeps the text), and
@@ -241,8 +247,9 @@ impl<C: CaddyApi> Converger<C> {
             self.accept(&candidates, pushed, sentinel);
             return Ok(Outcome::Unchanged);
         }
-        match self.try_push(&file, &text).await {
+        match self.try_push(&blocks, &text).await {
             Ok(sentinel) => {
+                drop(blocks);
                 self.accept(&candidates, text, sentinel);
                 Ok(Outcome::Pushed { probes: 0 })
             }
@@ -290,9 +297,10 @@ impl<C: CaddyApi> Converger<C> {
             if group.is_empty() {
                 continue;
             }
-            let file = assemble(self.base.as_ref(), good.iter().chain(&group).copied());
-            let text = file.marshal();
-            match self.try_push(&file, &text).await {
+            let units: Vec<&ContainerUnit> = good.iter().chain(&group).copied().collect();
+            let base = self.base.clone();
+            let (blocks, text) = assembled(base.as_deref(), &units);
+            match self.try_push(&blocks, &text).await {
                 Ok(sentinel) => {
                     good.extend(group);
                     loaded = Some((text, sentinel));
@@ -316,12 +324,12 @@ impl<C: CaddyApi> Converger<C> {
             // Every suspect was refused: push what was accepted before,
             // unless that is what Caddy runs.
             None => {
-                let file = assemble(self.base.as_ref(), good.iter().copied());
-                let text = file.marshal();
+                let base = self.base.clone();
+                let (blocks, text) = assembled(base.as_deref(), &good);
                 match self.pushed.take_if(|(pushed, _)| pushed == &text) {
                     Some(running) => running,
                     None => {
-                        let sentinel = self.try_push(&file, &text).await?;
+                        let sentinel = self.try_push(&blocks, &text).await?;
                         (text, sentinel)
                     }
                 }
@@ -393,8 +401,13 @@ impl<C: CaddyApi> Converger<C> {
     /// Composes `file` (whose text is `caddyfile`) from its sites' shares,
     /// or has Caddy adapt it whole; keeps the admin endpoint, tags the
     /// config with a sentinel `@id` and loads it. Returns the sentinel.
-    async fn try_push(&mut self, file: &Caddyfile, caddyfile: &str) -> Result<String, CaddyError> {
-        let config = match self.composer.compose(&self.caddy, file).await? {
+    async fn try_push(
+        &mut self,
+        blocks: &[MarshaledBlock<'_>],
+        caddyfile: &str,
+    ) -> Result<String, CaddyError> {
+        let composing = std::time::Instant::now();
+        let config = match self.composer.compose_blocks(&self.caddy, blocks).await? {
             Composed::Config(json) => {
                 self.report.composed += 1;
                 json
@@ -432,9 +445,30 @@ impl<C: CaddyApi> Converger<C> {
         top.insert("admin".into(), serde_json::value::to_raw_value(&admin)?);
         let json = serde_json::to_string(&top)?;
         drop(top);
+        let composed_in = composing.elapsed();
+        let loading = std::time::Instant::now();
         self.caddy.load(&json).await?;
+        tracing::debug!(
+            assemble_ms = self.assembled_in.as_millis() as u64,
+            compose_ms = composed_in.as_millis() as u64,
+            adapt_ms = self.composer.last_adapt.as_millis() as u64,
+            load_ms = loading.elapsed().as_millis() as u64,
+            bytes = json.len(),
+            "Loaded a config."
+        );
         Ok(sentinel)
     }
+}
+
+/// The Caddyfile for `units` merged after `base`: its top-level blocks
+/// with their texts, and the whole text.
+fn assembled<'a>(
+    base: Option<&'a Caddyfile>,
+    units: &[&'a ContainerUnit],
+) -> (Vec<MarshaledBlock<'a>>, String) {
+    let blocks = assemble_marshaled(base, units);
+    let text = blocks.iter().map(|(_, text)| text.as_ref()).collect();
+    (blocks, text)
 }
 
 /// FNV-1a, 64 bits: a stable fingerprint of the pushed Caddyfile.
@@ -531,7 +565,8 @@ mod tests {
             agent: AgentId::new("a1").unwrap(),
             container: "c".into(),
             container_id: "id".into(),
-            text: file.marshal().into(),
+            text: file.marshal_spans().0.into(),
+            spans: file.marshal_spans().1.into(),
             file: file.into(),
             trusted: false,
             proxies: Default::default(),

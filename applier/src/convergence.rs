@@ -69,7 +69,13 @@ pub async fn run<C: CaddyApi>(
             let Some(snapshot) = handle.snapshot().await else {
                 return;
             };
+            let rendering = std::time::Instant::now();
             let (units, outside) = render(&snapshot, &config, &mut owners, &mut cache, stats);
+            tracing::debug!(
+                render_ms = rendering.elapsed().as_millis() as u64,
+                units = units.len(),
+                "Rendered the state."
+            );
             let started = std::time::Instant::now();
             // Dynamic upstreams: the answers first, so a site the push adds
             // resolves from its first request, and a deploy that leaves the

@@ -422,6 +422,7 @@ mod tests {
             container_id: id.into(),
             file: Default::default(),
             text: "".into(),
+            spans: Default::default(),
             trusted: true,
             proxies: std::sync::Arc::new(ProxyModes {
                 dynamic: vec![DynamicProxy {

@@ -6,7 +6,9 @@
 //! snippet (`(name)`), a named matcher (`@name`) or, with no keys, the
 //! global options.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
+use std::ops::Range;
 
 use crate::lexer::tokenize;
 use crate::limits::MAX_BLOCK_DEPTH;
@@ -278,6 +280,122 @@ impl Caddyfile {
             })
             .collect()
     }
+
+    /// [`Caddyfile::marshal`], and where each top-level block's text is in
+    /// it, by the block's index in `self.blocks` (which is not sorted).
+    /// What [`merge_marshaled`] reuses.
+    pub fn marshal_spans(&self) -> (String, Vec<Range<usize>>) {
+        let mut sorted: Vec<(usize, Block)> = self.blocks.iter().cloned().enumerate().collect();
+        for (_, block) in &mut sorted {
+            block.sort();
+        }
+        // Stable, as `sort_blocks`.
+        sorted.sort_by(|(_, a), (_, b)| compare_blocks(a, b));
+        let mut out = String::new();
+        let mut spans = vec![0..0; self.blocks.len()];
+        for (index, block) in &sorted {
+            let start = out.len();
+            write_block(&mut out, block, 0);
+            spans[*index] = start..out.len();
+        }
+        (out, spans)
+    }
+}
+
+/// A Caddyfile with its [`Caddyfile::marshal_spans`].
+#[derive(Debug, Clone, Copy)]
+pub struct Marshaled<'a> {
+    pub file: &'a Caddyfile,
+    pub text: &'a str,
+    pub spans: &'a [Range<usize>],
+}
+
+/// A top-level block and its text, borrowed where it could be.
+pub type MarshaledBlock<'a> = (Cow<'a, Block>, Cow<'a, str>);
+
+/// `base` with `files` merged in ([`Caddyfile::merge_all`]), as
+/// [`Caddyfile::marshal_blocks`] gives it — without copying, sorting or
+/// writing again a top-level block only one file has (at fleet scale,
+/// nearly every site): it is borrowed, with the text its file's
+/// [`Caddyfile::marshal_spans`] wrote.
+///
+/// Why it is the same: blocks merge by their keys, and a block no other
+/// block merges into is sorted and written alone, so its text is what
+/// its own file wrote. Top-level blocks are sorted by kind, order and keys
+/// before children, and after merging no two blocks here share keys but
+/// duplicates in `base` (which are sorted copies), so the order never
+/// depends on a borrowed block's unsorted children. A top-level proxy line
+/// merges by its matcher, not its keys: files with one take the general
+/// path.
+pub fn merge_marshaled<'a>(
+    base: Option<&'a Caddyfile>,
+    files: &[Marshaled<'a>],
+) -> Vec<MarshaledBlock<'a>> {
+    let proxy_line = |b: &Block| matches!(b.first_key(), "reverse_proxy" | "php_fastcgi");
+    if files.iter().any(|f| f.file.blocks.iter().any(proxy_line)) {
+        let mut merged = base.cloned().unwrap_or_default();
+        merged.merge_all(files.iter().map(|f| f.file.clone()));
+        return merged
+            .marshal_blocks()
+            .into_iter()
+            .map(|(block, text)| (Cow::Owned(block), Cow::Owned(text)))
+            .collect();
+    }
+    /// One top-level block of the result: the first block with its keys
+    /// (and its text when a file wrote it), and those merged into it.
+    struct Group<'a> {
+        first: &'a Block,
+        text: Option<&'a str>,
+        merged: Vec<&'a Block>,
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: std::collections::HashMap<&[String], usize> = std::collections::HashMap::new();
+    for block in base.iter().flat_map(|b| &b.blocks) {
+        index.entry(&block.keys).or_insert(groups.len());
+        groups.push(Group {
+            first: block,
+            text: None,
+            merged: Vec::new(),
+        });
+    }
+    for file in files {
+        for (i, block) in file.file.blocks.iter().enumerate() {
+            match index.get(block.keys.as_slice()) {
+                Some(&group) => groups[group].merged.push(block),
+                None => {
+                    index.insert(&block.keys, groups.len());
+                    groups.push(Group {
+                        first: block,
+                        // Without a span it is written again.
+                        text: file
+                            .spans
+                            .get(i)
+                            .and_then(|span| file.text.get(span.clone())),
+                        merged: Vec::new(),
+                    });
+                }
+            }
+        }
+    }
+    let mut out: Vec<MarshaledBlock> = groups
+        .into_iter()
+        .map(|group| match (group.text, group.merged.is_empty()) {
+            (Some(text), true) => (Cow::Borrowed(group.first), Cow::Borrowed(text)),
+            _ => {
+                let mut block = group.first.clone();
+                for other in group.merged {
+                    merge_blocks(&mut block.children, other.children.clone());
+                }
+                block.sort();
+                let mut text = String::new();
+                write_block(&mut text, &block, 0);
+                (Cow::Owned(block), Cow::Owned(text))
+            }
+        })
+        .collect();
+    // Stable, as `sort_blocks`.
+    out.sort_by(|(a, _), (b, _)| compare_blocks(a, b));
+    out
 }
 
 fn merge_blocks(into: &mut Vec<Block>, blocks: Vec<Block>) {
@@ -586,6 +704,64 @@ mod round_trip {
                     order: UNORDERED,
                 })
         })
+    }
+
+    /// A top-level block whose keys often collide with another file's.
+    fn top_block() -> impl Strategy<Value = Block> {
+        (
+            prop_oneof![
+                Just(vec![]),
+                Just(vec!["(s)".to_string()]),
+                Just(vec!["@m".to_string()]),
+                Just(vec!["a.test".to_string()]),
+                Just(vec!["b.test".to_string(), "c.test".to_string()]),
+                Just(vec!["reverse_proxy".to_string(), "x:1".to_string()]),
+                prop::collection::vec(token(), 1..3),
+            ],
+            prop::collection::vec(block(), 0..4),
+            prop_oneof![Just(UNORDERED), 0i64..3],
+        )
+            .prop_map(|(keys, children, order)| Block {
+                keys,
+                children,
+                order,
+            })
+    }
+
+    fn file() -> impl Strategy<Value = Caddyfile> {
+        prop::collection::vec(top_block(), 0..4).prop_map(|blocks| Caddyfile { blocks })
+    }
+
+    proptest! {
+        /// Merging files whose blocks were written once gives exactly the
+        /// blocks and texts of merging them and writing the whole.
+        #[test]
+        fn merging_marshaled_files_is_merging_then_marshalling(
+            base in prop::option::of(file()),
+            files in prop::collection::vec(file(), 0..5),
+        ) {
+            let written: Vec<(String, Vec<Range<usize>>)> =
+                files.iter().map(Caddyfile::marshal_spans).collect();
+            for (file, (text, _)) in files.iter().zip(&written) {
+                prop_assert_eq!(text, &file.marshal());
+            }
+            let marshaled: Vec<Marshaled> = files
+                .iter()
+                .zip(&written)
+                .map(|(file, (text, spans))| Marshaled { file, text, spans })
+                .collect();
+            let fast: Vec<(Block, String)> = merge_marshaled(base.as_ref(), &marshaled)
+                .into_iter()
+                .map(|(b, t)| (b.into_owned(), t.into_owned()))
+                .collect();
+            let mut whole = base.clone().unwrap_or_default();
+            whole.merge_all(files.iter().cloned());
+            let expected = whole.marshal_blocks();
+            let texts = |blocks: &[(Block, String)]| blocks.iter().map(|(_, t)| t.clone()).collect::<String>();
+            prop_assert_eq!(texts(&fast), texts(&expected));
+            let keys = |blocks: &[(Block, String)]| blocks.iter().map(|(b, _)| b.keys.clone()).collect::<Vec<_>>();
+            prop_assert_eq!(keys(&fast), keys(&expected));
+        }
     }
 
     fn without_order(blocks: &mut [Block]) {

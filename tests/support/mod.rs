@@ -307,6 +307,13 @@ impl Caddy {
             .timeout(Duration::from_secs(3))
             .build()
             .ok()?;
+        self.get_with(&client, host).await
+    }
+
+    /// [`Caddy::get`] with a client of the caller's (building one costs
+    /// more than the request: a loop polling every few milliseconds keeps
+    /// one).
+    pub async fn get_with(&self, client: &reqwest::Client, host: &str) -> Option<(u16, String)> {
         let response = client
             .get(format!("http://127.0.0.1:{}/", self.http_port))
             .header("Host", host)
@@ -952,8 +959,16 @@ impl ApplierProcess {
             .env("CADDY_BASE_CADDYFILE", base)
             .env("APPLIER_NAME", name)
             .env("STATUS_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
+            // `APPLIER_LOG=debug` prints the applier's log (its push
+            // stages) with the bench's output.
+            .env(
+                "RUST_LOG",
+                std::env::var("APPLIER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(match std::env::var_os("APPLIER_LOG") {
+                Some(_) => std::process::Stdio::inherit(),
+                None => std::process::Stdio::null(),
+            })
             .spawn()
             .expect("start caddy-fleet applier");
         ApplierProcess {

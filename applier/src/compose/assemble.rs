@@ -18,26 +18,31 @@ use super::text::{cut, marker};
 use super::tls::{consolidate, Policy};
 use super::Reason;
 
+/// What Caddy's order of site blocks in one server looks at: the most
+/// specific host's specificity, the longest path's length, and whether a
+/// host is a wildcard or empty (computed once per site, not per
+/// comparison).
+fn site_facts(site: &Site) -> (usize, usize, bool) {
+    let (mut host, mut path, mut wildcard) = ("", "", false);
+    for k in &site.keys {
+        if k.host.contains('*') || k.host.is_empty() {
+            wildcard = true;
+        }
+        if specificity(&k.host) > specificity(host) {
+            host = &k.host;
+        }
+        if specificity(&k.path) > specificity(path) {
+            path = &k.path;
+        }
+    }
+    (specificity(host), path.len(), wildcard)
+}
+
 /// Caddy's order of site blocks in one server: most specific host first,
 /// wildcard hosts after plain ones, catch-alls last, then longer paths.
-fn site_less(i: &Site, j: &Site) -> bool {
-    let facts = |s: &Site| {
-        let (mut host, mut path, mut wildcard) = ("", "", false);
-        for k in &s.keys {
-            if k.host.contains('*') || k.host.is_empty() {
-                wildcard = true;
-            }
-            if specificity(&k.host) > specificity(host) {
-                host = &k.host;
-            }
-            if specificity(&k.path) > specificity(path) {
-                path = &k.path;
-            }
-        }
-        (specificity(host), path.len(), wildcard)
-    };
-    let (ih, ip, iw) = facts(i);
-    let (jh, jp, jw) = facts(j);
+fn site_less(i: (usize, usize, bool), j: (usize, usize, bool)) -> bool {
+    let (ih, ip, iw) = i;
+    let (jh, jp, jw) = j;
     if ih == 0 {
         return false;
     }
@@ -158,8 +163,9 @@ pub fn compose(globals: &Globals, sites: &[&Site]) -> Result<Box<RawValue>, Reas
         }
     }
     servers.sort_by(|a, b| a.0.iter().min().cmp(&b.0.iter().min()));
+    let facts: Vec<(usize, usize, bool)> = sites.iter().map(|&s| site_facts(s)).collect();
     for (_, members) in &mut servers {
-        slice_stable(members, &mut |&i, &j| site_less(sites[i], sites[j]));
+        slice_stable(members, &mut |&i, &j| site_less(facts[i], facts[j]));
     }
 
     // Route groups: first those given while parsing, site by site in the

@@ -30,10 +30,11 @@ pub mod site;
 pub mod text;
 pub mod tls;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use caddy_fleet_schema::caddyfile::{Block, Caddyfile};
+use caddy_fleet_schema::caddyfile::{Block, Caddyfile, MarshaledBlock};
 use futures::StreamExt;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -101,6 +102,8 @@ pub struct Composer {
     pending: Vec<(Block, String)>,
     /// Adapt calls made for single sites (and global options) so far.
     pub site_adapts: u64,
+    /// How long the last composition waited for Caddy to adapt sites alone.
+    pub last_adapt: std::time::Duration,
 }
 
 impl Composer {
@@ -120,11 +123,27 @@ impl Composer {
         caddy: &C,
         file: &Caddyfile,
     ) -> Result<Composed, CaddyError> {
+        let blocks: Vec<MarshaledBlock> = file
+            .marshal_blocks()
+            .into_iter()
+            .map(|(block, text)| (Cow::Owned(block), Cow::Owned(text)))
+            .collect();
+        self.compose_blocks(caddy, &blocks).await
+    }
+
+    /// [`Composer::compose`] for a Caddyfile given as its top-level blocks
+    /// in marshal order, each with its text
+    /// ([`caddy_fleet_schema::translate::assemble_marshaled`]).
+    pub async fn compose_blocks<C: CaddyApi>(
+        &mut self,
+        caddy: &C,
+        blocks: &[MarshaledBlock<'_>],
+    ) -> Result<Composed, CaddyError> {
         let mut prelude_text = String::new();
         let mut global = None;
         let mut snippets = HashMap::new();
-        let mut sites: Vec<(Block, String)> = Vec::new();
-        for (block, text) in file.marshal_blocks() {
+        let mut sites: Vec<(&Block, &str)> = Vec::new();
+        for (block, text) in blocks {
             if block.is_global() || block.is_snippet() {
                 if !sites.is_empty() {
                     return Ok(Composed::Whole(Reason::new(
@@ -132,15 +151,15 @@ impl Composer {
                         "a snippet follows a site",
                     )));
                 }
-                prelude_text.push_str(&text);
+                prelude_text.push_str(text);
                 if block.is_global() {
-                    global = Some(block);
+                    global = Some(block.as_ref().clone());
                 } else {
                     let name = block.keys[0]
                         .trim_start_matches('(')
                         .trim_end_matches(')')
                         .to_string();
-                    snippets.insert(name, block);
+                    snippets.insert(name, block.as_ref().clone());
                 }
             } else if block.keys.first().is_some_and(|k| k.starts_with("&(")) {
                 return Ok(Composed::Whole(Reason::new(
@@ -148,7 +167,7 @@ impl Composer {
                     "the Caddyfile defines named routes",
                 )));
             } else {
-                sites.push((block, text));
+                sites.push((block.as_ref(), text.as_ref()));
             }
         }
         if self.prelude.as_ref().is_none_or(|p| p.text != prelude_text) {
@@ -192,8 +211,8 @@ impl Composer {
         };
         let missing: Vec<(Block, String)> = sites
             .iter()
-            .filter(|(_, text)| !prelude.sites.contains_key(text))
-            .cloned()
+            .filter(|(_, text)| !prelude.sites.contains_key(*text))
+            .map(|(block, text)| ((*block).clone(), text.to_string()))
             .collect();
         if missing.len() > INLINE_SITES + sites.len() / 10 {
             let reason = Reason::new(
@@ -207,7 +226,9 @@ impl Composer {
             self.pending = missing;
             return Ok(Composed::Whole(reason));
         }
+        let adapting = std::time::Instant::now();
         self.adapt_sites(caddy, missing).await?;
+        self.last_adapt = adapting.elapsed();
         let Some(prelude) = self.prelude.as_mut() else {
             // Read just above; a whole adapt is always correct.
             return Ok(Composed::Whole(Reason::new(
@@ -217,7 +238,7 @@ impl Composer {
         };
         let mut shares = Vec::with_capacity(sites.len());
         for (_, text) in &sites {
-            match prelude.sites.get(text) {
+            match prelude.sites.get(*text) {
                 Some(Ok(site)) => shares.push(site.clone()),
                 Some(Err(reason)) => return Ok(Composed::Whole(reason.clone())),
                 None => {
@@ -229,9 +250,10 @@ impl Composer {
             }
         }
         if prelude.sites.len() > 2 * sites.len() + 1024 {
-            let current: std::collections::HashSet<&String> =
-                sites.iter().map(|(_, t)| t).collect();
-            prelude.sites.retain(|text, _| current.contains(text));
+            let current: std::collections::HashSet<&str> = sites.iter().map(|(_, t)| *t).collect();
+            prelude
+                .sites
+                .retain(|text, _| current.contains(text.as_str()));
         }
         let _ = probe;
         let refs: Vec<&Site> = shares.iter().map(|s| s.as_ref()).collect();
