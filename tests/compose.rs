@@ -496,6 +496,19 @@ async fn changing_one_site_among_many_adapts_only_that_site() {
         Verdict::Equal
     );
     assert_eq!(caddy.api.adapts.load(Ordering::SeqCst) - before, 2);
+
+    // Beyond the limit for whole adapts, a cold config is composed from
+    // its sites adapted alone at once, and equals Caddy's whole adapt.
+    let mut composer = Composer::with_whole_adapt_limit(10);
+    let before = caddy.api.adapts.load(Ordering::SeqCst);
+    assert_eq!(
+        check(&caddy.api, &mut composer, &bigger, "cold, beyond the limit").await,
+        Verdict::Equal
+    );
+    // One whole adapt by `check`, the global options with the probe, and
+    // each of the 51 sites.
+    assert_eq!(caddy.api.adapts.load(Ordering::SeqCst) - before, 53);
+    assert!(!composer.wants_warming());
 }
 
 /// `COMPOSE_FILE=path`: composes that Caddyfile and compares (debugging).
