@@ -44,9 +44,6 @@ use caddy_fleet::schema::{ContainerState, Event};
 use clap::Parser;
 use support::*;
 
-/// New sites measured, one at a time.
-const NEW_SITES: usize = 7;
-
 #[derive(Debug, Parser)]
 struct Args {
     /// Agents (Docker hosts) publishing.
@@ -62,6 +59,9 @@ struct Args {
     /// (the applier's DNS), as `UPSTREAMS`.
     #[arg(long, default_value = "static", value_parser = ["static", "dynamic"])]
     upstreams: String,
+    /// New sites measured, one at a time (each costs two config loads).
+    #[arg(long, default_value_t = 7)]
+    new_sites: usize,
     /// Appliers splitting the fleet by APPLIER_DOMAINS, each with its own Caddy.
     #[arg(long, default_value_t = 1)]
     shards: usize,
@@ -329,7 +329,7 @@ async fn bench(args: Args) {
     let mut new_site = Vec::new();
     let mut new_site_over_floor = Vec::new();
     let mut polled_floors = Vec::new();
-    for n in 0..NEW_SITES {
+    for n in 0..args.new_sites {
         let last = log.info().await.expect("log info").state.last_sequence;
         for applier in &appliers {
             applier.caught_up(last, Duration::from_secs(600)).await;

@@ -98,9 +98,23 @@ pub struct Converger<C = CaddyAdmin> {
     composer: Composer,
     /// How the configs tried since the last report were made.
     report: ComposeReport,
-    /// How long the last Caddyfile took to assemble and write (logged with
-    /// the push).
-    assembled_in: Duration,
+    /// Where the last config load's time went.
+    stages: PushStages,
+}
+
+/// Where the time of a push went, up to Caddy answering its `/load`
+/// (logged and measured with the push).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushStages {
+    /// The Caddyfile assembled from the containers and written.
+    pub assemble: Duration,
+    /// The JSON composed from the sites' shares or adapted whole, sites
+    /// adapted alone included.
+    pub compose: Duration,
+    /// Of `compose`, waiting for Caddy to adapt sites alone.
+    pub adapt: Duration,
+    /// Caddy's `/load`.
+    pub load: Duration,
 }
 
 /// How the configs a convergence tried were made.
@@ -131,8 +145,13 @@ impl<C: CaddyApi> Converger<C> {
             running_admin: None,
             composer: Composer::new(),
             report: ComposeReport::default(),
-            assembled_in: Duration::ZERO,
+            stages: PushStages::default(),
         }
+    }
+
+    /// Where the last config load's time went.
+    pub fn last_stages(&self) -> PushStages {
+        self.stages
     }
 
     /// How the configs tried since the last call were made.
@@ -239,7 +258,7 @@ impl<C: CaddyApi> Converger<C> {
         let assembling = std::time::Instant::now();
         let base = self.base.clone();
         let (blocks, text) = assembled(base.as_deref(), &candidates);
-        self.assembled_in = assembling.elapsed();
+        self.stages.assemble = assembling.elapsed();
         if let Some((pushed, sentinel)) = self.pushed.take_if(|(pushed, _)| pushed == &text) {
             // Caddy runs this text already; the containers making it may
             // differ (with dynamic upstreams a deploy keeps the text), and
@@ -445,17 +464,11 @@ impl<C: CaddyApi> Converger<C> {
         top.insert("admin".into(), serde_json::value::to_raw_value(&admin)?);
         let json = serde_json::to_string(&top)?;
         drop(top);
-        let composed_in = composing.elapsed();
+        self.stages.compose = composing.elapsed();
+        self.stages.adapt = self.composer.last_adapt;
         let loading = std::time::Instant::now();
         self.caddy.load(&json).await?;
-        tracing::debug!(
-            assemble_ms = self.assembled_in.as_millis() as u64,
-            compose_ms = composed_in.as_millis() as u64,
-            adapt_ms = self.composer.last_adapt.as_millis() as u64,
-            load_ms = loading.elapsed().as_millis() as u64,
-            bytes = json.len(),
-            "Loaded a config."
-        );
+        self.stages.load = loading.elapsed();
         Ok(sentinel)
     }
 }

@@ -69,14 +69,9 @@ pub async fn run<C: CaddyApi>(
             let Some(snapshot) = handle.snapshot().await else {
                 return;
             };
-            let rendering = std::time::Instant::now();
-            let (units, outside) = render(&snapshot, &config, &mut owners, &mut cache, stats);
-            tracing::debug!(
-                render_ms = rendering.elapsed().as_millis() as u64,
-                units = units.len(),
-                "Rendered the state."
-            );
             let started = std::time::Instant::now();
+            let (units, outside) = render(&snapshot, &config, &mut owners, &mut cache, stats);
+            let rendered_in = started.elapsed();
             // Dynamic upstreams: the answers first, so a site the push adds
             // resolves from its first request, and a deploy that leaves the
             // config as it is needs nothing else.
@@ -102,6 +97,8 @@ pub async fn run<C: CaddyApi>(
                         took,
                         latency,
                         units.len(),
+                        rendered_in,
+                        converger.last_stages(),
                     );
                     due = false;
                     retry_at = None;

@@ -331,6 +331,9 @@ async fn the_first_change_after_a_quiet_period_is_pushed_at_once() {
         "caddy_fleet_events_folded_total 1",
         "caddy_fleet_pushes_total{outcome=\"loaded\"} 2",
         "caddy_fleet_push_duration_seconds_count 2",
+        // Each push's stages, render to load.
+        "caddy_fleet_push_stage_seconds_count{stage=\"render\"} 2",
+        "caddy_fleet_push_stage_seconds_count{stage=\"load\"} 2",
         // The start-up push carries no change; the second one does.
         "caddy_fleet_change_to_pushed_seconds_count 1",
         "caddy_fleet_converged 1",

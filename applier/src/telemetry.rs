@@ -14,10 +14,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::converge::PushStages;
+
 /// A metric's one label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct Reason {
     pub reason: String,
+}
+
+/// A stage of a push ([`PushStages`], and the render before it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Stage {
+    /// `render`, `assemble`, `compose`, `adapt` (part of `compose`) or
+    /// `load`.
+    pub stage: String,
 }
 
 /// What a convergence did.
@@ -50,6 +60,7 @@ pub(crate) struct Metrics {
     pub messages_skipped: Family<Reason, Counter>,
     pub pushes: Family<Outcome, Counter>,
     pub push_duration: Histogram,
+    pub push_stage: Family<Stage, Histogram, fn() -> Histogram>,
     pub change_to_pushed: Histogram,
     pub checkpoints: Counter,
     pub source_restarts: Family<Reason, Counter>,
@@ -79,6 +90,9 @@ impl Default for Metrics {
             messages_skipped: Family::default(),
             pushes: Family::default(),
             push_duration: seconds(),
+            push_stage: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
             change_to_pushed: seconds(),
             checkpoints: Counter::default(),
             source_restarts: Family::default(),
@@ -119,6 +133,11 @@ impl Default for Metrics {
             "push_duration_seconds",
             "How long a convergence that loaded a config took (translate, adapt, load, isolation)",
             metrics.push_duration.clone(),
+        );
+        registry.register(
+            "push_stage_seconds",
+            "Where a push's time went: render (the state translated), assemble (the Caddyfile), compose (the JSON; adapt is its part waiting for Caddy to adapt sites alone), load (Caddy's /load)",
+            metrics.push_stage.clone(),
         );
         registry.register(
             "change_to_pushed_seconds",
@@ -411,6 +430,8 @@ impl Stats {
         took: Duration,
         latency: Option<Duration>,
         containers: usize,
+        render: Duration,
+        stages: PushStages,
     ) {
         if !pushed {
             return;
@@ -429,10 +450,30 @@ impl Stats {
         if let Some(latency) = latency {
             self.metrics.change_to_pushed.observe(latency.as_secs_f64());
         }
+        for (stage, spent) in [
+            ("render", render),
+            ("assemble", stages.assemble),
+            ("compose", stages.compose),
+            ("adapt", stages.adapt),
+            ("load", stages.load),
+        ] {
+            self.metrics
+                .push_stage
+                .get_or_create(&Stage {
+                    stage: stage.to_string(),
+                })
+                .observe(spent.as_secs_f64());
+        }
+        let ms = |d: Duration| d.as_millis() as u64;
         tracing::info!(
             containers,
-            took_ms = took.as_millis() as u64,
-            since_change_ms = latency.map(|l| l.as_millis() as u64),
+            took_ms = ms(took),
+            since_change_ms = latency.map(ms),
+            render_ms = ms(render),
+            assemble_ms = ms(stages.assemble),
+            compose_ms = ms(stages.compose),
+            adapt_ms = ms(stages.adapt),
+            load_ms = ms(stages.load),
             "Caddy config pushed."
         );
     }

@@ -168,6 +168,7 @@ impl Composer {
         caddy: &C,
         blocks: &[MarshaledBlock<'_>],
     ) -> Result<Composed, CaddyError> {
+        self.last_adapt = std::time::Duration::ZERO;
         let mut prelude_text = String::new();
         let mut global = None;
         let mut snippets = HashMap::new();
