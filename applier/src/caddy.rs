@@ -30,6 +30,14 @@ pub enum CaddyError {
     },
 }
 
+impl CaddyError {
+    /// Whether Caddy accepted the connection but did not answer in time:
+    /// busy (with a long load, perhaps another client's), not gone.
+    pub fn timed_out(&self) -> bool {
+        matches!(self, CaddyError::Unreachable { source, .. } if source.is_timeout() && !source.is_connect())
+    }
+}
+
 /// What the applier asks of Caddy.
 pub trait CaddyApi: Send + Sync {
     /// Adapts a Caddyfile to JSON without loading it.
@@ -67,6 +75,14 @@ impl CaddyApi for CaddyAdmin {
     }
 }
 
+/// How long a read of Caddy's config (a health check) may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an `/adapt` or `/load` may take: at 100,000 sites one load
+/// took 17 s on two cores, and one waits behind any other client's.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long connecting may take: an unreachable Caddy is known soon.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Caddy's admin API at one address.
 #[derive(Debug, Clone)]
 pub struct CaddyAdmin {
@@ -77,9 +93,15 @@ pub struct CaddyAdmin {
 impl CaddyAdmin {
     /// A client for the admin API at `base_url` (e.g. `http://127.0.0.1:2019`).
     pub fn new(base_url: &str) -> Result<Self, reqwest::Error> {
+        CaddyAdmin::with_read_timeout(base_url, READ_TIMEOUT)
+    }
+
+    /// [`CaddyAdmin::new`] with another timeout for reads (tests).
+    pub fn with_read_timeout(base_url: &str, read: Duration) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_secs(30))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(read)
             // Caddy replaces its admin server on every load and closes the
             // connection, so pooled connections would go stale.
             .pool_max_idle_per_host(0)
@@ -163,6 +185,7 @@ impl CaddyAdmin {
         let request = self
             .http
             .post(self.url("/adapt"))
+            .timeout(WRITE_TIMEOUT)
             .header("Content-Type", "text/caddyfile")
             .body(caddyfile.to_string());
         let response = self.send("the Caddyfile", request).await?;
@@ -214,9 +237,45 @@ impl CaddyAdmin {
         let request = self
             .http
             .post(self.url("/load"))
+            .timeout(WRITE_TIMEOUT)
             .header("Content-Type", "application/json")
             .body(config.to_string());
         self.send("the config", request).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_caddy_that_does_not_answer_in_time_is_busy_not_gone() {
+        // Accepts connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let busy = listener.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let caddy =
+            CaddyAdmin::with_read_timeout(&format!("http://{busy}"), Duration::from_millis(200))
+                .unwrap();
+        let error = caddy.has_id("x").await.unwrap_err();
+        assert!(error.timed_out(), "{error}");
+        hold.abort();
+
+        // Nothing listens: gone, not busy.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let caddy =
+            CaddyAdmin::with_read_timeout(&format!("http://{closed}"), Duration::from_millis(200))
+                .unwrap();
+        let error = caddy.has_id("x").await.unwrap_err();
+        assert!(!error.timed_out(), "{error}");
     }
 }

@@ -168,6 +168,10 @@ pub async fn run<C: CaddyApi>(
                             converger.invalidate();
                             due = true;
                         }
+                        // Caddy is busy (a long load, perhaps another
+                        // client's), not gone: pushing again would only
+                        // queue another load behind it.
+                        Err(error) if error.timed_out() => stats.caddy_check_timed_out(&error),
                         Err(error) => {
                             let delay = next_delay(&mut retry);
                             stats.push_failed(&error, delay);

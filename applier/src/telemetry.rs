@@ -424,6 +424,10 @@ impl Stats {
     /// A convergence ended well: `pushed` when a config was loaded (else
     /// Caddy already ran it); `took` is the convergence, `latency` the time
     /// from the oldest change it holds being folded to now.
+    pub(crate) fn caddy_check_timed_out(&self, error: &crate::caddy::CaddyError) {
+        tracing::warn!(%error, "Caddy did not answer the check of its config in time (busy with a long load?); the config is checked again at the next tick.");
+    }
+
     pub(crate) fn converged(
         &self,
         pushed: bool,
