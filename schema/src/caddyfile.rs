@@ -359,6 +359,11 @@ pub fn merge_marshaled<'a>(
         });
     }
     for file in files {
+        // Spans written for another shape of the file are not used.
+        let spans = match file.spans.len() == file.file.blocks.len() {
+            true => file.spans,
+            false => &[],
+        };
         for (i, block) in file.file.blocks.iter().enumerate() {
             match index.get(block.keys.as_slice()) {
                 Some(&group) => groups[group].merged.push(block),

@@ -145,7 +145,11 @@ impl DomainShard {
             }
             if unit.file.blocks.iter().any(is_site) {
                 if changed {
-                    unit.text = unit.file.marshal().into();
+                    // Text and spans are written together: a push reuses
+                    // each block's text by its span.
+                    let (text, spans) = unit.file.marshal_spans();
+                    unit.text = text.into();
+                    unit.spans = spans.into();
                 }
                 kept.push(unit);
             }
@@ -253,6 +257,30 @@ mod tests {
         assert_eq!(kept[1], untouched);
         let left: Vec<&[String]> = outside.iter().map(|o| o.addresses.as_slice()).collect();
         assert_eq!(left, [["b.test".to_string()], ["b.test".to_string()]]);
+    }
+
+    #[test]
+    fn a_cut_unit_assembles_as_its_blocks_do() {
+        let shard = DomainShard::parse("*.a.test,a.test").expect("valid");
+        // Blocks before the kept ones go: the kept ones move in the text.
+        let units = vec![
+            unit("b.test {\n\trespond b\n}\nx.a.test {\n\trespond x\n}\n"),
+            unit("c.test, a.test {\n\trespond a\n}\nb.test {\n\trespond b2\n}\n"),
+        ];
+        let (kept, _) = shard.keep(units);
+        assert_eq!(kept.len(), 2);
+        for unit in &kept {
+            assert_eq!(unit.spans.as_ref(), unit.file.marshal_spans().1.as_slice());
+        }
+        let refs: Vec<&ContainerUnit> = kept.iter().collect();
+        let fast: String = crate::translate::assemble_marshaled(None, &refs)
+            .iter()
+            .map(|(_, text)| text.as_ref())
+            .collect();
+        assert_eq!(
+            fast,
+            crate::translate::assemble(None, refs.iter().copied()).marshal()
+        );
     }
 
     #[test]
