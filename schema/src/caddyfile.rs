@@ -372,10 +372,7 @@ pub fn merge_marshaled<'a>(
                     groups.push(Group {
                         first: block,
                         // Without a span it is written again.
-                        text: file
-                            .spans
-                            .get(i)
-                            .and_then(|span| file.text.get(span.clone())),
+                        text: spans.get(i).and_then(|span| file.text.get(span.clone())),
                         merged: Vec::new(),
                     });
                 }
