@@ -417,7 +417,8 @@ impl<C: CaddyApi> Converger<C> {
         self.pushed = Some((text, sentinel));
     }
 
-    /// Composes `file` (whose text is `caddyfile`) from its sites' shares,
+    /// Composes the Caddyfile given as its `blocks` (whose text is
+    /// `caddyfile`) from its sites' shares,
     /// or has Caddy adapt it whole; keeps the admin endpoint, tags the
     /// config with a sentinel `@id` and loads it. Returns the sentinel.
     async fn try_push(
